@@ -1,0 +1,39 @@
+# Two set-up commands: `make demo` and `make test`. Both create .venv first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTHON ?= python3
+# CPU build of torch (a wheel already on disk here) unless the machine has a GPU;
+# GPU users get pip's default CUDA build, or set TORCH=... themselves.
+TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: env demo test test-fast cluster-up cluster-down bench clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[train,dev]"
+	touch $@
+
+demo: env
+	$(VENV)/bin/budgetlab --ledger runs/demo/ledger.db --workdir runs/demo run jobs/quickstart.toml
+
+cluster-up:
+	bash slurm/cluster.sh up
+
+cluster-down:
+	bash slurm/cluster.sh down
+
+# The whole suite, real SLURM included: the cluster is started first.
+test: env cluster-up
+	set -a; eval "$$(bash slurm/cluster.sh env)"; set +a; \
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+# Without the cluster and the slow tests: the inner loop while editing.
+test-fast: env
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -m "not slow and not slurm and not fault" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs ledger.db

@@ -1,0 +1,126 @@
+"""Run stage directories: the code that executes on a compute node (or a local subprocess).
+
+    python -m budgetlab.worker STAGE_DIR [STAGE_DIR ...]
+
+runs each stage in order (a training stage, then the eval stage of the same job), as one
+process or as one rank of N (rank and world size from submitit/SLURM/torchrun variables).
+A stage whose result.json is valid is skipped, so a requeued job resumes where it stopped.
+Only rank 0 writes result.json / error.json. Workers never open the ledger.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from budgetlab.stagedir import StageDir, StageFileError
+
+# Environment variables that must never reach a log or a record we write.
+_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+
+
+def is_secret_name(name: str) -> bool:
+    upper = name.upper()
+    return any(w in upper for w in _SECRET_WORDS)
+
+
+def classify_exception(exc: BaseException) -> str:
+    """The outcome class of an exception raised inside a stage."""
+    text = f"{type(exc).__name__}: {exc}"
+    if "CUDA out of memory" in text or type(exc).__name__ == "OutOfMemoryError":
+        return "CUDA_OOM"
+    if isinstance(exc, MemoryError):
+        return "OUT_OF_MEMORY"
+    return "FAILED"
+
+
+def run_one(stage: StageDir) -> dict | None:
+    """Run one stage directory; returns its result (rank 0) or None (other ranks)."""
+    from budgetlab import dist
+
+    spec = stage.read_spec()
+    env = dist.from_environment()
+    kind = spec["kind"]
+    if kind == "eval":
+        from budgetlab.evaluate import run_stage
+    elif kind in ("sft", "dpo", "kto"):
+        from budgetlab.train import run_stage
+    else:
+        raise ValueError(f"{stage.spec_path}: unknown stage kind {kind!r}")
+    start = time.time()
+    result = run_stage(stage, spec, env)
+    if env.rank != 0:
+        return None
+    result = dict(result)
+    result.setdefault("stage_id", spec["stage_id"])
+    result.setdefault("kind", kind)
+    result.setdefault("wall_seconds", time.time() - start)
+    result.setdefault("world_size", env.world_size)
+    result.setdefault("metrics", {})
+    stage.write_result(result)
+    return result
+
+
+def _already_done(stage: StageDir) -> bool:
+    try:
+        return stage.read_result() is not None
+    except StageFileError:
+        return False
+
+
+def run_stages(stage_dirs: list[str]) -> list[dict | None]:
+    """Run stages in order; the first failure stops the chain (later stages need it)."""
+    out: list[dict | None] = []
+    for d in stage_dirs:
+        stage = StageDir(Path(d).resolve())
+        if _already_done(stage):
+            out.append(stage.read_result())
+            continue
+        try:
+            if stage.error_path.exists():
+                stage.error_path.unlink()
+            out.append(run_one(stage))
+        except BaseException as exc:
+            if _rank() == 0 and not isinstance(exc, KeyboardInterrupt):
+                stage.write_error({
+                    "type": type(exc).__name__,
+                    "message": _last_line(exc),
+                    "outcome": classify_exception(exc),
+                    "traceback": traceback.format_exc()[-4000:],
+                    "time": time.time(),
+                })
+            raise
+    return out
+
+
+def _rank() -> int:
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def _last_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}".strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print("usage: python -m budgetlab.worker STAGE_DIR [STAGE_DIR ...]", file=sys.stderr)
+        return 2
+    try:
+        run_stages(argv)
+    except Exception as exc:  # the error record is written; the exit code tells the scheduler
+        print(f"budgetlab worker: {_last_line(exc)}", file=sys.stderr)
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -183,13 +183,20 @@ class Ledger:
             self.conn.execute("DELETE FROM _live")
             self.conn.executemany("INSERT OR IGNORE INTO _live VALUES (?)",
                                   ((c[0],) for c in cells))
+            # Only touch rows whose flag changes: re-registering writes nothing at all.
             self.conn.execute("UPDATE cells SET active = (cell_id IN (SELECT id FROM _live)) "
-                              "WHERE grid = ?", (spec.name,))
+                              "WHERE grid = ? AND active != (cell_id IN (SELECT id FROM _live))",
+                              (spec.name,))
             self.conn.executemany(
                 "INSERT OR IGNORE INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,1,?)", cells)
-            self.conn.execute("UPDATE baselines SET active = 0 WHERE grid = ?", (spec.name,))
+            base = [p.point_id for p in plan.points.values() if p.method == "base"]
+            self.conn.execute("DELETE FROM _live")
+            self.conn.executemany("INSERT OR IGNORE INTO _live VALUES (?)", ((b,) for b in base))
+            self.conn.execute("UPDATE baselines SET active = (point_id IN (SELECT id FROM _live)) "
+                              "WHERE grid = ? AND active != (point_id IN (SELECT id FROM _live))",
+                              (spec.name,))
             self.conn.executemany(
-                "INSERT INTO baselines VALUES (?, ?, ?, ?, 1) ON CONFLICT DO UPDATE SET active = 1",
+                "INSERT OR IGNORE INTO baselines VALUES (?, ?, ?, ?, 1)",
                 ((spec.name, p.task, p.model, p.point_id) for p in plan.points.values()
                  if p.method == "base"))
             self.conn.executemany(
@@ -372,13 +379,17 @@ _READ_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNC
 _READ_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "foreign_key_list",
                  "integrity_check", "quick_check", "schema_version", "user_version",
                  "page_count", "page_size", "journal_mode", "database_list", "table_list"}
+_TABLE_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "foreign_key_list",
+                  "integrity_check", "quick_check"}  # their argument names a table, sets nothing
 
 
 def _authorize(action, arg1, arg2, dbname, source):
     if action in _READ_ACTIONS:
         return sqlite3.SQLITE_OK
-    if action == sqlite3.SQLITE_PRAGMA and arg1 and arg1.lower() in _READ_PRAGMAS and arg2 is None:
-        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and arg1:
+        name = arg1.lower()
+        if name in _READ_PRAGMAS and (arg2 is None or name in _TABLE_PRAGMAS):
+            return sqlite3.SQLITE_OK
     return sqlite3.SQLITE_DENY
 
 

@@ -18,6 +18,7 @@ import sqlite_utils
 from budgetlab.errors import BadInput
 from budgetlab.graph import Plan, content_id
 from budgetlab.provenance import code_version
+from budgetlab.redact import redact
 
 BUSY_TIMEOUT_S = 60.0
 # Outcome classes (DESIGN section 7). A stage is NEW until its first attempt.
@@ -335,6 +336,9 @@ class Ledger:
     def update_attempt(self, attempt_id: int, **columns) -> None:
         if not columns:
             return
+        for k in ("error", "log_path", "raw_state"):
+            if k in columns:
+                columns[k] = redact(columns[k])
         if "resources" in columns and not isinstance(columns["resources"], str):
             columns["resources"] = json.dumps(columns["resources"], sort_keys=True)
         sets = ", ".join(f"{k} = ?" for k in columns)
@@ -345,7 +349,7 @@ class Ledger:
     def set_stage_state(self, stage_id: str, state: str, error: str | None = None) -> None:
         with self.write():
             self.conn.execute("UPDATE stages SET state = ?, error = ?, updated_at = ? "
-                              "WHERE stage_id = ?", (state, error, _now(), stage_id))
+                              "WHERE stage_id = ?", (state, redact(error), _now(), stage_id))
 
     def record_result(self, stage_id: str, attempt_id: int | None, result: dict) -> None:
         """A valid result.json: metrics, tokens, COMPLETED. Idempotent (no duplicate rows)."""

@@ -16,15 +16,8 @@ import time
 import traceback
 from pathlib import Path
 
+from budgetlab.redact import RedactingStream, redact
 from budgetlab.stagedir import StageDir, StageFileError
-
-# Environment variables that must never reach a log or a record we write.
-_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
-
-
-def is_secret_name(name: str) -> bool:
-    upper = name.upper()
-    return any(w in upper for w in _SECRET_WORDS)
 
 
 def classify_exception(exc: BaseException) -> str:
@@ -87,9 +80,9 @@ def run_stages(stage_dirs: list[str]) -> list[dict | None]:
             if _rank() == 0 and not isinstance(exc, KeyboardInterrupt):
                 stage.write_error({
                     "type": type(exc).__name__,
-                    "message": _last_line(exc),
+                    "message": redact(_last_line(exc)),
                     "outcome": classify_exception(exc),
-                    "traceback": traceback.format_exc()[-4000:],
+                    "traceback": redact(traceback.format_exc()[-4000:]),
                     "time": time.time(),
                 })
             raise
@@ -113,12 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         print("usage: python -m budgetlab.worker STAGE_DIR [STAGE_DIR ...]", file=sys.stderr)
         return 2
+    # A library that prints a token by mistake must not leak it into the job log.
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
     try:
         run_stages(argv)
     except Exception as exc:  # the error record is written; the exit code tells the scheduler
         print(f"budgetlab worker: {_last_line(exc)}", file=sys.stderr)
         traceback.print_exc()
         return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
     return 0
 
 

@@ -1,0 +1,91 @@
+"""Tasks: where each grid point's data comes from and how its outputs are scored.
+
+    from budgetlab.tasks import get_task, subset
+    task = get_task("gsm8k", {"sft": "data/gsm8k_sft.jsonl"})   # None = the paper's hub sources
+    sft = subset(task.sft_pool(), n=500, seed=0)                 # nested: a prefix of n=1000
+
+Importing this package stays light (no torch, datasets or transformers): grid validation runs
+on login nodes. The task modules import their heavy dependencies inside functions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+
+from budgetlab.tasks.errors import TaskDataError
+
+# name -> "module:Class"
+_REGISTRY = {
+    "gsm8k": "budgetlab.tasks.gsm8k:GSM8K",
+    "ifeval": "budgetlab.tasks.ifeval:IFEval",
+    "tldr": "budgetlab.tasks.tldr:TLDR",
+    "helpsteer": "budgetlab.tasks.helpsteer:HelpSteer",
+    "arith": "budgetlab.tasks.arith:Arith",
+}
+TASKS = tuple(_REGISTRY)
+
+# The keys a grid's [data.TASK] table may set (local file or hub id per source).
+DATA_KEYS = {
+    "gsm8k": frozenset({"sft", "preferences", "eval"}),
+    "ifeval": frozenset({"sft", "preferences", "eval"}),
+    "tldr": frozenset({"sft", "preferences", "eval"}),
+    "helpsteer": frozenset({"sft", "preferences", "eval", "reward_model"}),
+    "arith": frozenset({"sft", "preferences", "eval"}),
+}
+
+__all__ = ["TASKS", "DATA_KEYS", "TaskDataError", "get_task", "subset", "kto_examples"]
+
+
+def get_task(name: str, data: dict | None = None, skip_bad_rows: bool = False):
+    """The task `name` with optional local sources {"sft"|"preferences"|"eval": path}."""
+    if name not in _REGISTRY:
+        raise TaskDataError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    data = {k: v for k, v in (data or {}).items() if v is not None}
+    unknown = sorted(set(data) - DATA_KEYS[name])
+    if unknown:
+        raise TaskDataError(f"task {name}: unknown data key(s) {', '.join(unknown)}; "
+                            f"allowed: {', '.join(sorted(DATA_KEYS[name]))}")
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)(data, skip_bad_rows=skip_bad_rows)
+
+
+def _key(row: dict) -> str:
+    return json.dumps(row, sort_keys=True, ensure_ascii=False)
+
+
+def dedupe(rows: list[dict]) -> list[dict]:
+    """Drop exact duplicate rows, keeping the first occurrence (order preserved)."""
+    seen, out = set(), []
+    for row in rows:
+        k = _key(row)
+        if k not in seen:
+            seen.add(k)
+            out.append(row)
+    return out
+
+
+def subset(pool: list[dict], n: int, seed: int) -> list[dict]:
+    """The first n rows of a seed-fixed permutation of the de-duplicated pool.
+
+    Nested by construction: subset(p, 500, s) == subset(p, 1000, s)[:500].
+    """
+    if not isinstance(n, int) or n < 0:
+        raise TaskDataError(f"subset size must be a non-negative integer, got {n!r}")
+    rows = dedupe(pool)
+    if n > len(rows):
+        raise TaskDataError(f"asked for {n} examples but the pool has only {len(rows)} "
+                            f"(after removing duplicates and evaluation prompts)")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in order[:n]]
+
+
+def kto_examples(pairs: list[dict]) -> list[dict]:
+    """KTO's unpaired examples from preference pairs: chosen is desirable, rejected is not."""
+    out = []
+    for p in pairs:
+        out.append({"prompt": p["prompt"], "completion": p["chosen"], "label": True})
+        out.append({"prompt": p["prompt"], "completion": p["rejected"], "label": False})
+    return out

@@ -1,0 +1,168 @@
+"""Checkpoints under <stage>/checkpoints/step-NNNNNNNN/, written atomically, newest K kept.
+
+DeepSpeed saves model, optimizer and scheduler (every rank its own shard); we add each rank's
+RNG state and a meta.json (step, world size, ZeRO stage). All ranks write into a hidden
+.tmp-step-N directory; after a barrier rank 0 writes meta.json and renames it, so a directory
+named step-N is always complete. The data position is the step itself: the example order is
+a pure function of (seed, epoch), see data.plan_steps.
+
+Signals: SIGUSR1 asks for a checkpoint at the next step boundary; SIGUSR2 (submitit's
+preemption signal, or $SUBMITIT_PREEMPT_SIGNAL) and SIGTERM ask for a checkpoint and a stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+from budgetlab import dist
+from budgetlab.stagedir import atomic_write_json
+
+PREFIX = "step-"
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on request after saving a checkpoint; rerunning the stage resumes."""
+
+
+class CheckpointMismatch(Exception):
+    """A checkpoint that this run cannot resume from (stated why)."""
+
+
+def tag(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def complete(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of complete checkpoints, oldest first."""
+    out = []
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            if p.name.startswith(PREFIX) and (p / "meta.json").exists():
+                try:
+                    out.append((int(p.name[len(PREFIX):]), p))
+                except ValueError:
+                    continue
+    return sorted(out)
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, env, zero_stage: int,
+         keep: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint path."""
+    import torch
+
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp_tag = f".tmp-{tag(step)}"
+    if env.rank == 0 and (ckpt_dir / tmp_tag).exists():
+        shutil.rmtree(ckpt_dir / tmp_tag)  # left by a crash during an earlier save
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state,
+                           save_latest=False)
+    torch.save(_rng_state(), ckpt_dir / tmp_tag / f"rng-rank{env.rank}.pt")
+    dist.barrier()
+    final = ckpt_dir / tag(step)
+    if env.rank == 0:
+        atomic_write_json(ckpt_dir / tmp_tag / "meta.json",
+                          {"step": step, "world_size": env.world_size, "zero_stage": zero_stage})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(ckpt_dir / tmp_tag, final)
+        for _, old in complete(ckpt_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_latest(engine, ckpt_dir: Path, env, zero_stage: int) -> tuple[int, dict] | None:
+    """Restore the newest complete checkpoint; (step, client_state), or None if there is none."""
+    found = complete(Path(ckpt_dir))
+    if not found:
+        return None
+    step, path = found[-1]
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["zero_stage"] != zero_stage:
+        raise CheckpointMismatch(f"{path} was written with ZeRO stage {meta['zero_stage']}, "
+                                 f"this run uses stage {zero_stage}")
+    if meta["world_size"] != env.world_size and zero_stage > 0:
+        # ZeRO 1-3 shard the optimizer state by rank; DeepSpeed cannot re-shard it in place.
+        raise CheckpointMismatch(
+            f"{path} was written by {meta['world_size']} ranks with ZeRO stage {zero_stage}; "
+            f"resuming on {env.world_size} ranks needs the same number of ranks "
+            f"(or ZeRO stage 0, whose optimizer state is not sharded)")
+    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                             load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+    if client_state is None:
+        raise CheckpointMismatch(f"{path}: DeepSpeed could not load this checkpoint")
+    rng = path / f"rng-rank{env.rank}.pt"
+    if rng.exists():
+        import torch
+
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return step, client_state
+
+
+def newest_tag(ckpt_dir: Path) -> str | None:
+    found = complete(Path(ckpt_dir))
+    return found[-1][1].name if found else None
+
+
+class StopFlag:
+    """Set from a signal handler; the loop checks it at every step boundary."""
+
+    def __init__(self):
+        self.save = False
+        self.stop = False
+        self.reason = ""
+
+    def request(self, stop: bool, reason: str) -> None:
+        self.save = True
+        self.stop = self.stop or stop
+        self.reason = reason
+
+
+def install_signal_handlers(flag: StopFlag):
+    """Route checkpoint/preemption signals to `flag`; returns a function restoring the old ones."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    preempt = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"),
+                      signal.SIGUSR2)
+    wanted = {signal.SIGUSR1: False, preempt: True, signal.SIGTERM: True}
+    old = {}
+    for sig, stop in wanted.items():
+        def handler(signum, frame, stop=stop):
+            flag.request(stop, signal.Signals(signum).name)
+        old[sig] = signal.signal(sig, handler)
+
+    def restore():
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    return restore

@@ -1,0 +1,284 @@
+"""`budgetlab report`, `budgetlab recommend` and `budgetlab run`: parse, call
+budgetlab.report / recommend / plot (and the executor for run), print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from budgetlab.cli.common import console, echo_json, json_option, main, pass_state
+from budgetlab.errors import BadInput
+
+cost_option = click.option(
+    "--cost", "cost", metavar="sft=X,pair=Y",
+    help="Re-price: the cost of one SFT example and one preference pair, in the grid's unit.")
+metric_option = click.option("--metric", help="The metric to report (default: the task's primary).")
+
+
+def grid_name(grid: str) -> str:
+    """GRID is a grid spec file (its name is used) or a grid name in the ledger."""
+    p = Path(grid)
+    if p.suffix == ".toml" or p.is_file():
+        from budgetlab.spec import load_spec
+        return load_spec(p).name
+    return grid
+
+
+def _report(state, grid, metric, cost):
+    from budgetlab.report import build_report, parse_costs
+
+    costs = parse_costs(cost) if cost is not None else None
+    led = state.ledger(create=False)
+    return build_report(led, grid_name(grid), metric=metric, costs=costs)
+
+
+@main.command()
+@click.argument("grid")
+@metric_option
+@cost_option
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write cells as CSV.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Write a figure (PNG): score vs budget, one line per SFT share.")
+@json_option
+@pass_state
+def report(state, grid, metric, cost, csv_path, plot_path, as_json):
+    """Heatmaps budget x SFT share per method, best split per budget, spend and compute.
+
+    GRID is the grid's spec file or its name in the ledger."""
+    rep = _report(state, grid, metric, cost)
+    if csv_path:
+        from budgetlab.report import write_csv
+        try:
+            write_csv(rep, csv_path)
+        except OSError as e:
+            raise BadInput(f"--csv {csv_path}: cannot write ({e.strerror})") from None
+    if plot_path:
+        from budgetlab.plot import plot_report
+        plot_report(rep, plot_path)
+    if as_json:
+        echo_json(rep.to_json())
+        return
+    print_report(rep)
+    for label, path in (("CSV", csv_path), ("plot", plot_path)):
+        if path:
+            click.echo(f"{label} written to {path}")
+
+
+@main.command()
+@click.argument("grid")
+@click.option("--budget", type=float, required=True, help="The annotation budget to advise on.")
+@metric_option
+@cost_option
+@click.option("--top", default=3, show_default=True, type=click.IntRange(1, 20),
+              help="How many next runs to suggest.")
+@json_option
+@pass_state
+def recommend(state, grid, budget, metric, cost, top, as_json):
+    """The best split at a budget from the measured points, and the next runs worth paying for."""
+    from budgetlab.recommend import recommend as advise
+
+    rec = advise(_report(state, grid, metric, cost), budget, top=top)
+    for a in rec["answers"]:
+        if a["warning"]:
+            click.echo(f"budgetlab: warning: {a['warning']}", err=True)
+    if as_json:
+        echo_json(rec)
+        return
+    print_recommendation(rec)
+
+
+# -- printing ----------------------------------------------------------------------------------
+# viridis, dark to bright: a low score is dark, a high one bright.
+_STOPS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
+_STATE_STYLE = {"NOT_RUN": "dim", "RUNNING": "yellow", "PENDING": "yellow",
+                "SUBMITTING": "yellow", "PREEMPTED": "yellow", "BLOCKED": "magenta"}
+
+
+def _color(x: float) -> str:
+    x = min(max(x, 0.0), 1.0) * (len(_STOPS) - 1)
+    i = min(int(x), len(_STOPS) - 2)
+    t = x - i
+    r, g, b = (round(a + (c - a) * t) for a, c in zip(_STOPS[i], _STOPS[i + 1]))
+    fg = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "white"
+    return f"{fg} on #{r:02x}{g:02x}{b:02x}"
+
+
+def _score_text(g: dict, lo: float, hi: float, best: bool):
+    from rich.text import Text
+
+    if g["score_mean"] is None:
+        states = g["states"]
+        word = " ".join(f"{s}" + (f"x{n}" if n > 1 and len(states) > 1 else "")
+                        for s, n in states.items())
+        return Text(word or "-", style=_STATE_STYLE.get(next(iter(states), ""), "bold red"))
+    sd = "±?" if g["score_std"] is None else f"±{g['score_std']:.3f}"
+    text = Text(f"{g['score_mean']:.3f}{sd}", style=_color((g["score_mean"] - lo) /
+                                                          ((hi - lo) or 1.0)))
+    if best:
+        text.append(" *", style="bold")
+    if g["n_seeds"] < g["seeds"]:
+        text.append(f" {g['n_seeds']}/{g['seeds']}", style="red")
+        text.append("\n" + ", ".join(f"{n} {s}" for s, n in g["states"].items()), style="red")
+    return text
+
+
+def print_report(rep) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    con = console()
+    gpu = rep.totals["gpu_hours"] > 0
+    hcol = "gpu_hours" if gpu else "cpu_hours"
+    hname = "GPU-h" if gpu else "CPU-h"
+    costs = f"sft example {rep.costs['sft']:g}, preference pair {rep.costs['pair']:g} {rep.unit}"
+    con.print(f"[bold]{rep.grid}[/]: {rep.metric} (higher is better), mean ± sd over seeds; "
+              f"* = best split at that budget; costs: {costs}"
+              + ("  [bold yellow](re-priced)[/]" if rep.repriced else ""))
+    for b in rep.baselines:
+        score = f"{b['score']:.3f}" if b["score"] is not None else b["status"]
+        con.print(f"base model {b['task']} / {b['model']}: {rep.metric} {score}")
+    best = {(b["task"], b["model"], b["method"], b["budget"]): b["sft_fraction"]
+            for b in rep.best}
+    for task, model, method in rep.panels():
+        gs = [g for g in rep.groups if (g["task"], g["model"], g["method"]) == (task, model, method)]
+        # One colour scale per task and model, so the methods' panels compare by eye.
+        means = [g["score_mean"] for g in rep.groups if (g["task"], g["model"]) == (task, model)
+                 and g["score_mean"] is not None]
+        lo, hi = (min(means), max(means)) if means else (0.0, 1.0)
+        fracs = sorted({g["sft_fraction"] for g in gs}, reverse=True)
+        budgets = sorted({g["budget"] for g in gs})
+        t = Table(title=f"{task} · {model} · {method}", title_justify="left", show_lines=True)
+        t.add_column(f"budget ({rep.unit})", justify="right")
+        for f in fracs:
+            t.add_column(f"SFT {f:g}" + ("\nSFT only" if f == 1.0 else
+                                           "\nPFT only" if f == 0.0 else ""), justify="center")
+        t.add_column("spend/cell", justify="right")
+        t.add_column(f"{hname} (row)", justify="right")
+        for b in budgets:
+            row = [f"{b:g}"]
+            row_gs = [g for g in gs if g["budget"] == b]
+            for f in fracs:
+                g = next((x for x in row_gs if x["sft_fraction"] == f), None)
+                if g is None:
+                    row.append(Text("-"))
+                    continue
+                cell = _score_text(g, lo, hi, best.get((task, model, method, b)) == f)
+                cell.append(f"\n{g['n_sft']}+{g['n_pft']} · {g[hcol]:.2g}h", style="dim")
+                row.append(cell)
+            spends = sorted({round(g["annotation_cost"], 6) for g in row_gs})
+            row.append(f"{spends[0]:g}" if len(spends) == 1 else f"{spends[0]:g}-{spends[-1]:g}")
+            row.append(f"{sum(g[hcol] for g in row_gs):.3g}")
+            t.add_row(*row)
+        con.print(t)
+    con.print(Text("cell: score; second line: n_sft + n_pft bought, and the compute of the "
+                   "point's stages (a shared SFT stage counts in every cell that uses it)",
+                   style="dim"))
+    _print_best(con, rep)
+    from budgetlab.report import findings
+    for line in findings(rep):
+        con.print(f"- {line}")
+    tot = rep.totals
+    usd = (f" (~{tot['gpu_hours'] * tot['gpu_hour_usd']:,.2f} USD)"
+           if tot["gpu_hour_usd"] and gpu else "")
+    con.print(f"total: {tot['completed']}/{tot['cells']} cells measured, {tot['points']} "
+              f"points; annotation spend {tot['annotation_spend']:,.6g} {rep.unit}; "
+              f"{tot['gpu_hours']:.3g} GPU-hours{usd}, {tot['cpu_hours']:.3g} CPU-hours "
+              f"(shared stages counted once)")
+    if rep.repriced:
+        _print_needed(con, rep)
+
+
+def _print_best(con, rep) -> None:
+    """Across methods: the best measured split at each budget, per task and model."""
+    from rich.table import Table
+
+    t = Table(title="best split per budget (all methods)", title_justify="left")
+    for c in ("task", "model", "budget", "method", "SFT share", "n_sft+n_pft", rep.metric):
+        t.add_column(c)
+    seen: dict = {}
+    for g in rep.groups:
+        if g["score_mean"] is None:
+            continue
+        key = (g["task"], g["model"], g["budget"])
+        if key not in seen or g["score_mean"] > seen[key]["score_mean"]:
+            seen[key] = g
+    for (task, model, budget), g in sorted(seen.items(), key=lambda kv: kv[0]):
+        method = "sft" if g["n_pft"] == 0 else g["method"]
+        sd = "" if g["score_std"] is None else f" ± {g['score_std']:.3f}"
+        t.add_row(task, model, f"{budget:g}", method, f"{g['sft_fraction']:g}",
+                  f"{g['n_sft']}+{g['n_pft']}", f"{g['score_mean']:.3f}{sd}")
+    if seen:
+        con.print(t)
+
+
+def _print_needed(con, rep, limit: int = 30) -> None:
+    from rich.table import Table
+
+    reused = sum(c["status"] == "COMPLETED" for c in rep.cells)
+    con.print(f"re-priced: {reused} of {len(rep.cells)} cells reuse measured points; "
+              f"{len(rep.needed)} points still needed "
+              f"({sum(n['stages_to_run'] for n in rep.needed)} stages to run)")
+    if not rep.needed:
+        return
+    t = Table(title="points still needed", title_justify="left")
+    for c in ("task", "model", "method", "n_sft", "n_pft", "seed", "budgets", "stages to run",
+              "point_id", "status"):
+        t.add_column(c)
+    for n in rep.needed[:limit]:
+        t.add_row(n["task"], n["model"], n["method"], str(n["n_sft"]), str(n["n_pft"]),
+                  str(n["seed"]), ", ".join(f"{b:g}" for b in n["budgets"]),
+                  str(n["stages_to_run"]), n["point_id"], n["status"])
+    con.print(t)
+    if len(rep.needed) > limit:
+        con.print(f"... and {len(rep.needed) - limit} more (--json or --csv for all)")
+
+
+def print_recommendation(rec: dict) -> None:
+    from rich.table import Table
+
+    con = console()
+    unit = rec["unit"]
+    con.print(f"[bold]{rec['grid']}[/]: advice for a budget of {rec['budget']:g} {unit} "
+              f"({rec['metric']}, higher is better; costs sft {rec['costs']['sft']:g}, "
+              f"pair {rec['costs']['pair']:g}{', re-priced' if rec['repriced'] else ''})")
+    for a in rec["answers"]:
+        con.print(f"\n[bold]{a['task']} / {a['model']}[/]  (measured budgets: "
+                  f"{', '.join(f'{b:g}' for b in a['measured_budgets']) or 'none'})")
+        con.print(f"method: {a['method']}")
+        if a["warning"]:
+            con.print(f"[bold yellow]warning:[/] {a['warning']}")
+        best = a["best"]
+        if best is None:
+            continue
+        word = {"measured": "best measured split", "interpolated": "estimated best split",
+                "outside": f"best split measured at {a['at_budget']:g} (not at "
+                           f"{rec['budget']:g})"}[a["kind"]]
+        con.print(f"{word}: {_split(best)}  {rec['metric']} {_pm(best)}")
+        if a["contenders"]:
+            con.print("not separable from it by the seed spread: "
+                      + "; ".join(f"{_split(r)} {_pm(r)}" for r in a["contenders"]))
+        else:
+            con.print("no other candidate overlaps it within the seed spread")
+        t = Table(title="all candidates", title_justify="left")
+        for c in ("method", "SFT share", "n_sft+n_pft", rec["metric"], "seeds"):
+            t.add_column(c)
+        for r in a["ranking"]:
+            t.add_row(r["method"], f"{r['sft_fraction']:g}", f"{r['n_sft']}+{r['n_pft']}",
+                      _pm(r), f"{r['n_seeds']}/{r['seeds']}")
+        con.print(t)
+        if a["next_runs"]:
+            con.print("next runs worth paying for:")
+            for i, n in enumerate(a["next_runs"], 1):
+                con.print(f"  {i}. {n['method']} at SFT share {n['sft_fraction']:g}, budget "
+                          f"{n['budget']:g} ({n['n_sft']} SFT + {n['n_pft']} pairs): "
+                          f"{n['reason']}")
+
+
+def _split(r: dict) -> str:
+    return (f"{r['method']}, SFT share {r['sft_fraction']:g} "
+            f"({r['n_sft']} SFT examples + {r['n_pft']} preference pairs)")
+
+
+def _pm(r: dict) -> str:
+    return f"{r['score']:.3f}" + (" ± ?" if r["sd"] is None else f" ± {r['sd']:.3f}")

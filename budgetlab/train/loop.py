@@ -242,8 +242,8 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
         format_prompt=None, info: dict | None = None, on_step=None) -> dict:
     """Train one stage on `rows` (task records), starting from `init_model`; returns the result.
 
-    on_step(step, loss) is called on every rank after each optimizer step (tests use it to
-    interrupt a run the way a signal would).
+    on_step(step, loss, engine) is called on every rank after each optimizer step and its
+    checkpoint (tests use it to interrupt or break a run).
     """
     start = time.time()
     kind = cfg.kind
@@ -281,13 +281,14 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
     scorer = Scorer(engine, tokenizer.pad_token_id, cfg, device)
 
     # Reference log-probs: from the untouched starting weights, once; reused on resume.
-    ref, ref_seconds = None, 0.0
+    ref, ref_seconds, ref_reused = None, 0.0, None
     if kind != "sft":
         if ref_model is not None:
             ref = Scorer(ref_model, tokenizer.pad_token_id, cfg, device)
         else:
             fp = reference.fingerprint(examples, init_model)
             ref = reference.load(stage.root, fp)
+            ref_reused = ref is not None
             if ref is None:
                 t0 = time.time()
                 engine.eval()
@@ -373,9 +374,6 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
                 if time.time() - last_beat > 2 or step + 1 == len(steps):
                     stage.write_progress(**row, total_steps=len(steps))
                     last_beat = time.time()
-            if on_step is not None:
-                on_step(step + 1, loss, flag)
-
             state["step"] = step + 1
             periodic = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
             if (periodic or want_save) and step + 1 < len(steps):
@@ -386,6 +384,8 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
                     raise checkpoint.TrainingInterrupted(
                         f"stopped on {flag.reason or 'request'} after step {step + 1}; "
                         f"checkpoint {checkpoint.tag(step + 1)} saved, rerun the stage to resume")
+            if on_step is not None:
+                on_step(step + 1, loss, engine)
     finally:
         restore_signals()
 
@@ -420,6 +420,7 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
         "pad_token_from_eos": bool(getattr(tokenizer, "pad_from_eos", False)),
         "wall_seconds": time.time() - start,
         "reference_seconds": state.get("ref_seconds", 0.0),
+        "reference_reused": ref_reused,
         "resumed_from_step": resumed[0] if resumed else None,
         "world_size": env.world_size,
         "effective_batch": cfg.batch_size,

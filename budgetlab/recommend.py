@@ -9,14 +9,15 @@ interpolated linearly in log(budget) between its two neighbours, and so is its s
 deviation, which is the uncertainty shown. Outside the measured range there is no estimate,
 only a warning and the nearest measured budget's result, labelled as such.
 
-"Contenders" are candidates whose mean + sd reaches the best's mean - sd: the data cannot
-order them yet. The next runs are chosen to separate them: measure them at the budget itself,
+"Contenders" are candidates whose mean + sd reaches the best's mean - sd (a single seed
+borrows the median sd of the others): the data cannot order them yet. The next runs are chosen to separate them: measure them at the budget itself,
 fill their missing or failed cells, add a seed where the spread is unknown or wide.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 
 from budgetlab.alloc import allocate
 from budgetlab.errors import BadInput
@@ -96,7 +97,9 @@ def _answer(rep: Report, task: str, model: str, budget: float, top: int) -> dict
 
     rows.sort(key=lambda r: -r["score"])
     best = rows[0] if rows else None
-    contenders = [r for r in rows[1:] if best and _overlaps(r, best)]
+    known = [r["sd"] for r in rows if r["sd"] is not None]
+    typical = statistics.median(known) if known else None
+    contenders = [r for r in rows[1:] if best and _overlaps(r, best, typical)]
     return {**base, "kind": kind, "method": how, "warning": warning, "at_budget": at,
             "best": best, "contenders": contenders, "ranking": rows,
             "next_runs": _next_runs(rep, task, model, budget, kind, rests_on, cands, best,
@@ -114,12 +117,14 @@ def _row(rep, key, budget, score, sd, n_seeds, seeds) -> dict:
             "score": score, "sd": sd, "n_seeds": n_seeds, "seeds": seeds}
 
 
-def _overlaps(r: dict, best: dict) -> bool:
-    """The two ranges mean +/- sd meet; an unknown sd (one seed) counts as overlapping
-    whenever the other range or a zero-width one cannot separate them."""
-    if r["sd"] is None or best["sd"] is None:
+def _overlaps(r: dict, best: dict, typical: float | None) -> bool:
+    """The ranges mean +/- sd meet. A single seed has no sd of its own: it borrows the
+    median sd of the other candidates; with no sd anywhere nothing can be told apart."""
+    sd_r = r["sd"] if r["sd"] is not None else typical
+    sd_b = best["sd"] if best["sd"] is not None else typical
+    if sd_r is None or sd_b is None:
         return True
-    return r["score"] + r["sd"] >= best["score"] - best["sd"]
+    return r["score"] + sd_r >= best["score"] - sd_b
 
 
 def _next_runs(rep, task, model, budget, kind, rests_on, cands, best, contenders, top):

@@ -44,6 +44,11 @@ def record(led, plan, score, fail=(), skip=(), gpu_seconds=36.0, base_score=0.0)
 
     score(point) -> metric value; points whose id is in `fail` get their last training stage
     FAILED (the eval BLOCKED), points in `skip` are left NEW (never submitted)."""
+    with led.write():  # one transaction: a commit per stage would fsync hundreds of times
+        _record(led, plan, score, fail, skip, gpu_seconds, base_score)
+
+
+def _record(led, plan, score, fail, skip, gpu_seconds, base_score):
     done = set()
     for p in plan.points.values():
         if p.point_id in skip:

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -316,6 +317,7 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
     last_beat = 0.0
     loss = float("nan")
     engine.train()
+    t_loop = time.time()
     try:
         for step in range(state["step"], len(steps)):
             idx = steps[step]
@@ -388,6 +390,7 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
                 on_step(step + 1, loss, engine)
     finally:
         restore_signals()
+    train_seconds = time.time() - t_loop
 
     base_info = dict(info or {})
     base_info.update({"init_model": str(init_model), "finetune": cfg.finetune, "kind": kind})
@@ -396,6 +399,9 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
                              "targets": cfg.lora_targets, "merged": True}
     export.export(engine, cfg, tokenizer, stage.model_dir, env, base_info,
                   fresh_model=lambda: build_model(init_model, cfg, dtype))
+    if env.rank == 0:  # model/ is complete: the resume state (optimizer too) is dead weight now
+        shutil.rmtree(stage.checkpoints_dir, ignore_errors=True)
+    dist.barrier()
 
     es = state["epoch_stats"]
     metrics = {"loss": loss, "loss_last_epoch": es["loss"] / max(es["steps"], 1)}
@@ -419,6 +425,8 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
         "examples_dropped": enc.dropped,
         "pad_token_from_eos": bool(getattr(tokenizer, "pad_from_eos", False)),
         "wall_seconds": time.time() - start,
+        "train_seconds": train_seconds,  # the step loop of this attempt (tokens/s benchmarks)
+        "tokens_this_attempt": state["tokens"] - (resumed[1]["tokens"] if resumed else 0),
         "reference_seconds": state.get("ref_seconds", 0.0),
         "reference_reused": ref_reused,
         "resumed_from_step": resumed[0] if resumed else None,

@@ -60,12 +60,12 @@ def _str(v):
         return f"expected a non-empty string, got {_show(v)}"
 
 
-def _str_or_list(v):
-    if isinstance(v, str) and v:
+def _lora_targets(v):
+    if v == "all-linear":
         return None
     if isinstance(v, list) and v and all(isinstance(x, str) and x for x in v):
         return None
-    return f"expected a string or a list of strings, got {_show(v)}"
+    return f"expected \"all-linear\" or a list of module names, got {_show(v)}"
 
 
 def _str_list(v):
@@ -81,7 +81,7 @@ def _show(v) -> str:
 COMMON_TRAIN = {
     "finetune": _choice("full", "lora"),
     "max_length": _int(8),
-    "epochs": _num(0, lo_open=True),
+    "epochs": _int(1),
     "lr": _num(0, lo_open=True),
     "batch_size": _int(1),
     "warmup_ratio": _num(0, 1, hi_open=True),
@@ -89,9 +89,9 @@ COMMON_TRAIN = {
     "weight_decay": _num(0),
     "max_grad_norm": _num(0, lo_open=True),
     "lora_r": _int(1),
-    "lora_alpha": _num(0, lo_open=True),
+    "lora_alpha": _int(1),
     "lora_dropout": _num(0, 1, hi_open=True),
-    "lora_targets": _str_or_list,
+    "lora_targets": _lora_targets,
     "truncation": _choice("truncate", "drop"),
     "packing": _bool,
 }
@@ -122,7 +122,7 @@ RESOURCE_KEYS = {
     "nodes": _int(1), "gpus_per_node": _int(0), "tasks_per_node": _int(1),
     "cpus_per_task": _int(1), "mem_gb": _num(0, lo_open=True), "time_min": _num(0, lo_open=True),
     "micro_batch_size": _int(1), "zero_stage": _int(0, 3), "checkpoint_every": _int(1),
-    "keep_checkpoints": _int(1),
+    "keep_checkpoints": _int(1), "gradient_checkpointing": _bool,
 }
 RESOURCE_DEFAULTS = {
     "nodes": 1, "gpus_per_node": 0, "cpus_per_task": 2, "mem_gb": 8, "time_min": 60,

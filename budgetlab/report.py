@@ -184,17 +184,21 @@ def _groups(cells: list[dict]) -> list[dict]:
 
 
 def _best(groups: list[dict]) -> list[dict]:
-    """The best measured fraction per (task, model, method, budget); none if nothing ran."""
+    """The best measured fraction per (task, model, method, budget); none if nothing ran.
+    Equal means keep the largest SFT share and list the others in "tied" (not in the JSON)."""
     by: dict[tuple, list[dict]] = defaultdict(list)
     for g in groups:
         if g["score_mean"] is not None:
             by[(g["task"], g["model"], g["method"], g["budget"])].append(g)
     out = []
     for (task, model, method, budget), gs in by.items():
-        top = max(gs, key=lambda g: g["score_mean"])  # first of equals: grid order
+        gs = sorted(gs, key=lambda g: (-g["score_mean"], -g["sft_fraction"]))
+        top = gs[0]
+        tied = [g["sft_fraction"] for g in gs[1:]
+                if math.isclose(g["score_mean"], top["score_mean"], rel_tol=1e-9, abs_tol=1e-12)]
         out.append({"task": task, "model": model, "method": method, "budget": budget,
                     "sft_fraction": top["sft_fraction"], "score_mean": top["score_mean"],
-                    "score_std": top["score_std"], "n_seeds": top["n_seeds"]})
+                    "score_std": top["score_std"], "n_seeds": top["n_seeds"], "tied": tied})
     return out
 
 
@@ -348,11 +352,13 @@ def findings(rep: Report) -> list[str]:
                 if (b["task"], b["model"], b["method"]) == (task, model, method)}
         if not best:
             continue
+        ties = [b for b, x in best.items() if x["tied"]]
+        best = {b: x for b, x in best.items() if not x["tied"]}
         sft_wins = [b for b, x in best.items() if x["sft_fraction"] == 1.0]
         mix_wins = [b for b, x in best.items() if 0.0 < x["sft_fraction"] < 1.0]
         pft_wins = [b for b, x in best.items() if x["sft_fraction"] == 0.0]
         head = f"{task} / {model} / {method}:"
-        parts = []
+        parts = [f"no single best split at {_budgets(ties)} (equal means)"] if ties else []
         if sft_wins:
             parts.append(f"SFT only is best at budget {_budgets(sft_wins)}")
         if mix_wins:
@@ -366,7 +372,7 @@ def findings(rep: Report) -> list[str]:
         small = [f for f in fracs if 0.0 < f < 1.0]
         if 0.0 in fracs and small:
             diffs = []
-            for budget in sorted(best):
+            for budget in sorted({g["budget"] for g in rep.groups}):
                 cold = rep.group(task, model, method, budget, 0.0)
                 warm = rep.group(task, model, method, budget, small[0])
                 if cold and warm and cold["score_mean"] is not None and \

@@ -88,6 +88,81 @@ def recommend(state, grid, budget, metric, cost, top, as_json):
     print_recommendation(rec)
 
 
+@main.command()
+@click.argument("grid", type=click.Path(dir_okay=False))
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
+              help="Stop waiting after this many seconds (the jobs keep running).")
+@click.option("--poll", "poll_s", default=1.0, show_default=True,
+              type=click.FloatRange(min=0.1), help="Seconds between syncs while waiting.")
+@metric_option
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also write the report's figure (PNG).")
+@pass_state
+def run(state, grid, timeout_s, poll_s, metric, plot_path):
+    """Register GRID, run it on the local executor with a progress bar, print the report.
+
+    Exit code 1 if a stage failed (the report still shows everything that ran)."""
+    from budgetlab.cli.common import load_plan
+    from budgetlab.errors import RuntimeFailure
+    from budgetlab.executors import submit
+    from budgetlab.ledger import FINISHED
+
+    plan = load_plan(grid)
+    led = state.ledger()
+    res = submit(led, plan, state.workdir, executor="local")
+    err = console_err()
+    err.print(f"{plan.name}: {len(plan.cells)} cells, {len(plan.stages)} stages "
+              f"({sum(len(u.stages) for u in res.units)} to run in {len(res.units)} local "
+              f"jobs); ledger {state.ledger_path}, workdir {state.workdir}")
+    st = _wait_with_progress(led, state.workdir, plan.name, poll_s, timeout_s, err, FINISHED)
+    rep = _report(state, plan.name, metric, None)
+    print_report(rep)
+    if plot_path:
+        from budgetlab.plot import plot_report
+        plot_report(rep, plot_path)
+        click.echo(f"plot written to {plot_path}")
+    if st["active"]:
+        click.echo(f"stopped waiting after {timeout_s:g} s: {st['active']} stage(s) still "
+                   f"queued or running (see `budgetlab status {plan.name}`)", err=True)
+    failed = {s: n for v in st["stages"].values() for s, n in v.items()
+              if s in FINISHED and s != "COMPLETED"}
+    if failed:
+        raise RuntimeFailure(f"{plan.name}: " + ", ".join(f"{n} stage(s) {s}" for s, n in
+                                                          sorted(failed.items()))
+                             + f" (see `budgetlab status {plan.name}`, `budgetlab logs ID`)")
+
+
+def _wait_with_progress(led, workdir, grid, poll_s, timeout_s, err, finished):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
+
+    from budgetlab.executors import wait
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("stages"), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task("running", total=None)
+
+        def update(st):
+            states: dict[str, int] = {}
+            for per_kind in st["stages"].values():
+                for s, n in per_kind.items():
+                    states[s] = states.get(s, 0) + n
+            done = sum(n for s, n in states.items() if s in finished)
+            bad = done - states.get("COMPLETED", 0)
+            running = states.get("RUNNING", 0)
+            bar.update(task, total=st["stages_total"], completed=done,
+                       description=f"{grid}: {running} running"
+                                   + (f", [red]{bad} failed[/]" if bad else ""))
+
+        return wait(led, workdir, grid, poll_s=poll_s, timeout_s=timeout_s, on_sync=update)
+
+
+def console_err():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
 # -- printing ----------------------------------------------------------------------------------
 # viridis, dark to bright: a low score is dark, a high one bright.
 _STOPS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
@@ -138,7 +213,7 @@ def print_report(rep) -> None:
     for b in rep.baselines:
         score = f"{b['score']:.3f}" if b["score"] is not None else b["status"]
         con.print(f"base model {b['task']} / {b['model']}: {rep.metric} {score}")
-    best = {(b["task"], b["model"], b["method"], b["budget"]): b["sft_fraction"]
+    best = {(b["task"], b["model"], b["method"], b["budget"]): {b["sft_fraction"], *b["tied"]}
             for b in rep.best}
     for task, model, method in rep.panels():
         gs = [g for g in rep.groups if (g["task"], g["model"], g["method"]) == (task, model, method)]
@@ -163,7 +238,7 @@ def print_report(rep) -> None:
                 if g is None:
                     row.append(Text("-"))
                     continue
-                cell = _score_text(g, lo, hi, best.get((task, model, method, b)) == f)
+                cell = _score_text(g, lo, hi, f in best.get((task, model, method, b), ()))
                 cell.append(f"\n{g['n_sft']}+{g['n_pft']} · {g[hcol]:.2g}h", style="dim")
                 row.append(cell)
             spends = sorted({round(g["annotation_cost"], 6) for g in row_gs})
@@ -194,21 +269,28 @@ def _print_best(con, rep) -> None:
     from rich.table import Table
 
     t = Table(title="best split per budget (all methods)", title_justify="left")
-    for c in ("task", "model", "budget", "method", "SFT share", "n_sft+n_pft", rep.metric):
+    for c in ("task", "model", "budget", "method", "SFT share", "n_sft+n_pft", rep.metric,
+              "tied with"):
         t.add_column(c)
-    seen: dict = {}
+    by: dict = {}
     for g in rep.groups:
-        if g["score_mean"] is None:
-            continue
-        key = (g["task"], g["model"], g["budget"])
-        if key not in seen or g["score_mean"] > seen[key]["score_mean"]:
-            seen[key] = g
-    for (task, model, budget), g in sorted(seen.items(), key=lambda kv: kv[0]):
-        method = "sft" if g["n_pft"] == 0 else g["method"]
-        sd = "" if g["score_std"] is None else f" ± {g['score_std']:.3f}"
-        t.add_row(task, model, f"{budget:g}", method, f"{g['sft_fraction']:g}",
-                  f"{g['n_sft']}+{g['n_pft']}", f"{g['score_mean']:.3f}{sd}")
-    if seen:
+        if g["score_mean"] is not None:
+            by.setdefault((g["task"], g["model"], g["budget"]), []).append(g)
+
+    def name(g):  # an SFT-only point is the same for every method
+        return "sft" if g["n_pft"] == 0 else g["method"]
+
+    for (task, model, budget), gs in sorted(by.items(), key=lambda kv: kv[0]):
+        gs.sort(key=lambda g: (-g["score_mean"], -g["sft_fraction"]))
+        top = gs[0]
+        tied = {f"{name(g)} {g['sft_fraction']:g}" for g in gs[1:] if g["score_mean"] ==
+                top["score_mean"] and (name(g), g["sft_fraction"]) != (name(top),
+                                                                      top["sft_fraction"])}
+        sd = "" if top["score_std"] is None else f" ± {top['score_std']:.3f}"
+        t.add_row(task, model, f"{budget:g}", name(top),
+                  f"{top['sft_fraction']:g}", f"{top['n_sft']}+{top['n_pft']}",
+                  f"{top['score_mean']:.3f}{sd}", ", ".join(sorted(tied)))
+    if by:
         con.print(t)
 
 

@@ -187,7 +187,7 @@ def _score_text(g: dict, lo: float, hi: float, best: bool):
         word = " ".join(f"{s}" + (f"x{n}" if n > 1 and len(states) > 1 else "")
                         for s, n in states.items())
         return Text(word or "-", style=_STATE_STYLE.get(next(iter(states), ""), "bold red"))
-    sd = "±?" if g["score_std"] is None else f"±{g['score_std']:.3f}"
+    sd = "" if g["score_std"] is None else f"±{g['score_std']:.3f}"  # one seed: no spread
     text = Text(f"{g['score_mean']:.3f}{sd}", style=_color((g["score_mean"] - lo) /
                                                           ((hi - lo) or 1.0)))
     if best:
@@ -196,6 +196,14 @@ def _score_text(g: dict, lo: float, hi: float, best: bool):
         text.append(f" {g['n_seeds']}/{g['seeds']}", style="red")
         text.append("\n" + ", ".join(f"{n} {s}" for s, n in g["states"].items()), style="red")
     return text
+
+
+def _n(x: float) -> str:
+    """Compact counts for narrow cells: 750, 7.5k, 20k, 1.2M."""
+    for div, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:g}"
 
 
 def print_report(rep) -> None:
@@ -223,12 +231,13 @@ def print_report(rep) -> None:
         lo, hi = (min(means), max(means)) if means else (0.0, 1.0)
         fracs = sorted({g["sft_fraction"] for g in gs}, reverse=True)
         budgets = sorted({g["budget"] for g in gs})
-        t = Table(title=f"{task} · {model} · {method}", title_justify="left", show_lines=True)
-        t.add_column(f"budget ({rep.unit})", justify="right")
+        t = Table(title=f"{task} · {model} · {method}  (budget in {rep.unit})",
+                  title_justify="left", show_lines=True)
+        t.add_column("budget", justify="right")
         for f in fracs:
             t.add_column(f"SFT {f:g}" + ("\nSFT only" if f == 1.0 else
                                            "\nPFT only" if f == 0.0 else ""), justify="center")
-        t.add_column("spend/cell", justify="right")
+        t.add_column("spend", justify="right")
         t.add_column(f"{hname} (row)", justify="right")
         for b in budgets:
             row = [f"{b:g}"]
@@ -239,16 +248,16 @@ def print_report(rep) -> None:
                     row.append(Text("-"))
                     continue
                 cell = _score_text(g, lo, hi, f in best.get((task, model, method, b), ()))
-                cell.append(f"\n{g['n_sft']}+{g['n_pft']} · {g[hcol]:.2g}h", style="dim")
+                cell.append(f"\n{_n(g['n_sft'])}+{_n(g['n_pft'])}\n{g[hcol]:.2g}h", style="dim")
                 row.append(cell)
             spends = sorted({round(g["annotation_cost"], 6) for g in row_gs})
-            row.append(f"{spends[0]:g}" if len(spends) == 1 else f"{spends[0]:g}-{spends[-1]:g}")
+            row.append(_n(spends[0]) if len(spends) == 1 else f"{_n(spends[0])}-{_n(spends[-1])}")
             row.append(f"{sum(g[hcol] for g in row_gs):.3g}")
             t.add_row(*row)
         con.print(t)
-    con.print(Text("cell: score; second line: n_sft + n_pft bought, and the compute of the "
-                   "point's stages (a shared SFT stage counts in every cell that uses it)",
-                   style="dim"))
+    con.print(Text("cell: score (± seed sd; k/N when only k of N seeds are measured); then "
+                   f"SFT examples + preference pairs bought, and the {hname} of the point's "
+                   "stages (a shared SFT stage counts in every cell that uses it)", style="dim"))
     _print_best(con, rep)
     from budgetlab.report import findings
     for line in findings(rep):
@@ -257,7 +266,7 @@ def print_report(rep) -> None:
     usd = (f" (~{tot['gpu_hours'] * tot['gpu_hour_usd']:,.2f} USD)"
            if tot["gpu_hour_usd"] and gpu else "")
     con.print(f"total: {tot['completed']}/{tot['cells']} cells measured, {tot['points']} "
-              f"points; annotation spend {tot['annotation_spend']:,.6g} {rep.unit}; "
+              f"points; annotation spend {tot['annotation_spend']:,.10g} {rep.unit}; "
               f"{tot['gpu_hours']:.3g} GPU-hours{usd}, {tot['cpu_hours']:.3g} CPU-hours "
               f"(shared stages counted once)")
     if rep.repriced:

@@ -152,6 +152,10 @@ def build_report(led: Ledger, grid: str, metric: str | None = None,
         "gpu_hour_usd": g["settings"].get("costs", {}).get("gpu_hour_usd"),
     }
     needed = _needed(cells, chains, stages)
+    # Unique stages still to run: a shared SFT stage needed by several points counts once.
+    totals["stages_to_run"] = len({s for c in cells if c["status"] != COMPLETED
+                                   for s in chains.get(c["point_id"], ()) if s and
+                                   (s not in stages or stages[s]["state"] != COMPLETED)})
     return Report(grid=grid, metric=metric, unit=own.get("unit", "examples"), costs=new_costs,
                   repriced=repriced, cells=cells, groups=groups, best=_best(groups),
                   baselines=baselines, totals=totals, needed=needed)

@@ -309,7 +309,7 @@ def _print_needed(con, rep, limit: int = 30) -> None:
     reused = sum(c["status"] == "COMPLETED" for c in rep.cells)
     con.print(f"re-priced: {reused} of {len(rep.cells)} cells reuse measured points; "
               f"{len(rep.needed)} points still needed "
-              f"({sum(n['stages_to_run'] for n in rep.needed)} stages to run)")
+              f"({rep.totals['stages_to_run']} stages to run, shared ones once)")
     if not rep.needed:
         return
     t = Table(title="points still needed", title_justify="left")

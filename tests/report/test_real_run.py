@@ -97,7 +97,7 @@ def test_reprice_a_real_run(real):
     assert (cells[0.5]["n_sft"], cells[0.5]["n_pft"]) == (2, 4)
     assert {c["status"] for c in cells.values()} == {"NOT_RUN"}
     r = cli("report", "real", "--cost", "sft=2,pair=1")
-    assert "2 points still needed (4 stages to run)" in r.stdout
+    assert "2 points still needed (4 stages to run" in r.stdout
 
 
 def test_recommend_on_a_real_run(real):

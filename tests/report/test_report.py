@@ -104,6 +104,12 @@ def test_reprice_maps_budgets_and_reuses_measured_points(surface_ledger, cli):
     assert needed[("dpo", 16, 32, 0)]["stages_to_run"] == 3
     assert len(rep.needed) == len({c["point_id"] for c in rep.cells
                                    if c["status"] != "COMPLETED"})
+    # Stages to run, shared ones once: the re-priced plan's stages that the ledger lacks.
+    from budgetlab.graph import build_plan
+    import dataclasses
+    new = build_plan(dataclasses.replace(plan.spec, costs={**plan.spec.costs, "sft_example": 2.0}))
+    done = {s["stage_id"] for s in led.stages() if s["state"] == "COMPLETED"}
+    assert rep.totals["stages_to_run"] == len(set(new.stages) - done)
 
     r = cli("report", "surf", "--cost", "sft=2,pair=1")
     assert r.exit_code == 0, r.output

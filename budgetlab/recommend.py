@@ -96,12 +96,15 @@ def _answer(rep: Report, task: str, model: str, budget: float, top: int) -> dict
                    f"{at:g} is not an estimate for {budget:g} (run cells at {budget:g} to know)")
 
     rows.sort(key=lambda r: -r["score"])
+    # Candidates left out (not measured at the budgets the answer rests on) could be better.
+    unmeasured = [f"{m} {f:g}" for (m, f), by in cands.items()
+                  if not all(by.get(b) and by[b]["score_mean"] is not None for b in rests_on)]
     best = rows[0] if rows else None
     known = [r["sd"] for r in rows if r["sd"] is not None]
     typical = statistics.median(known) if known else None
     contenders = [r for r in rows[1:] if best and _overlaps(r, best, typical)]
     return {**base, "kind": kind, "method": how, "warning": warning, "at_budget": at,
-            "best": best, "contenders": contenders, "ranking": rows,
+            "best": best, "contenders": contenders, "ranking": rows, "unmeasured": unmeasured,
             "next_runs": _next_runs(rep, task, model, budget, kind, rests_on, cands, best,
                                     contenders, top)}
 

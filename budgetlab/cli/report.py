@@ -346,6 +346,10 @@ def print_recommendation(rec: dict) -> None:
                 "outside": f"best split measured at {a['at_budget']:g} (not at "
                            f"{rec['budget']:g})"}[a["kind"]]
         con.print(f"{word}: {_split(best)}  {rec['metric']} {_pm(best)}")
+        if a["unmeasured"]:
+            con.print(f"[yellow]compared {len(a['ranking'])} of "
+                      f"{len(a['ranking']) + len(a['unmeasured'])} candidates;[/] not measured "
+                      f"here: {', '.join(a['unmeasured'])} (any of them could be better)")
         if a["contenders"]:
             con.print("not separable from it by the seed spread: "
                       + "; ".join(f"{_split(r)} {_pm(r)}" for r in a["contenders"]))

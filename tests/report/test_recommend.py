@@ -124,3 +124,4 @@ def test_recommend_text_and_repricing(log_ledger, cli):
     a = json.loads(r.stdout)["answers"][0]
     assert json.loads(r.stdout)["repriced"] is True
     assert all(x["method"] != "sft" for x in a["ranking"])
+    assert "sft 1" in a["unmeasured"] and len(a["ranking"]) + len(a["unmeasured"]) == 7

@@ -158,3 +158,14 @@ def test_parse_costs():
     for bad in ("", "sft", "sft=1,sft=2", "sft=inf", "sft=nan", "sft=1,,pair=2"):
         with pytest.raises(BadInput):
             parse_costs(bad)
+
+
+def test_a_grid_with_nothing_run_yet(tmp_path, cli, surf):
+    led, plan = surf.register(tmp_path)
+    rep = build_report(led, "surf")
+    assert rep.metric == "accuracy"  # the task's primary metric, before any result
+    assert {c["status"] for c in rep.cells} == {"NOT_RUN"} and rep.best == []
+    r = cli("report", "surf")
+    assert r.exit_code == 0 and "total: 0/48 cells measured" in r.stdout
+    r = cli("recommend", "surf", "--budget", "100")
+    assert r.exit_code == 0 and "nothing measured" in r.stderr

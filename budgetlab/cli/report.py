@@ -114,7 +114,13 @@ def run(state, grid, timeout_s, poll_s, metric, plot_path):
     err.print(f"{plan.name}: {len(plan.cells)} cells, {len(plan.stages)} stages "
               f"({sum(len(u.stages) for u in res.units)} to run in {len(res.units)} local "
               f"jobs); ledger {state.ledger_path}, workdir {state.workdir}")
-    st = _wait_with_progress(led, state.workdir, plan.name, poll_s, timeout_s, err, FINISHED)
+    try:
+        st = _wait_with_progress(led, state.workdir, plan.name, poll_s, timeout_s, err, FINISHED)
+    except KeyboardInterrupt:
+        click.echo(f"budgetlab: interrupted: the local jobs keep running; `budgetlab status "
+                   f"{plan.name}` follows them, `budgetlab cancel {plan.name}` stops them",
+                   err=True)
+        raise click.exceptions.Exit(130) from None
     rep = _report(state, plan.name, metric, None)
     print_report(rep)
     if plot_path:

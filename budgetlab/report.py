@@ -108,12 +108,13 @@ def build_report(led: Ledger, grid: str, metric: str | None = None,
         chain = chains.get(pid)
         if chain is None:
             return NOT_RUN, None
-        for sid in chain:
-            if sid is None:
-                continue
-            state = stages[sid]["state"] if sid in stages else NOT_RUN
-            if state != COMPLETED:
-                return (NOT_RUN if state == "NEW" else state), None
+        ev = stages.get(chain[2])
+        if ev is None or ev["state"] != COMPLETED:  # a point is COMPLETED when its eval is
+            for sid in chain:  # else: the first unfinished stage of its chain is the cause
+                state = stages[sid]["state"] if sid in stages else NOT_RUN
+                if sid is not None and state != COMPLETED:
+                    return (NOT_RUN if state == "NEW" else state), None
+            return NOT_RUN, None
         value = metrics.get(chain[2], {}).get(metric)
         return (COMPLETED, value) if value is not None else (NO_METRIC, None)
 

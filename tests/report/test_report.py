@@ -169,3 +169,30 @@ def test_a_grid_with_nothing_run_yet(tmp_path, cli, surf):
     assert r.exit_code == 0 and "total: 0/48 cells measured" in r.stdout
     r = cli("recommend", "surf", "--budget", "100")
     assert r.exit_code == 0 and "nothing measured" in r.stderr
+
+
+def test_reprice_arithmetic_at_any_costs(tmp_path, surf):
+    """For random prices: each cell buys allocate(budget, share, costs), and it is reused
+    exactly when a point with that (method, n_sft, n_pft, seed) was measured."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    led, plan = surf.register(tmp_path)
+    surf.record(led, plan, surf.paper_surface)
+    measured = {(p["method"], p["n_sft"], p["n_pft"], p["seed"])
+                for p in led.points() if p["eval_state"] == "COMPLETED"}
+    price = st.sampled_from([0.25, 0.5, 1.0, 1.5, 2.0, 4.0, 10.0, 100.0])
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(price, price)
+    def check(c_sft, c_pair):
+        rep = build_report(led, "surf", costs={"sft": c_sft, "pair": c_pair})
+        for c in rep.cells:
+            n_sft, n_pft = allocate(c["budget"], c["sft_fraction"], c_sft, c_pair)
+            assert (c["n_sft"], c["n_pft"]) == (n_sft, n_pft)
+            assert c["annotation_cost"] == pytest.approx(n_sft * c_sft + n_pft * c_pair)
+            assert c["annotation_cost"] <= c["budget"] + 1e-9
+            method = c["method"] if n_pft else "sft" if n_sft else "base"
+            seed = None if method == "base" else c["seed"]
+            assert (c["status"] == "COMPLETED") == ((method, n_sft, n_pft, seed) in measured)
+    check()

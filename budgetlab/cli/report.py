@@ -25,12 +25,21 @@ def grid_name(grid: str) -> str:
     return grid
 
 
-def _report(state, grid, metric, cost):
+sync_option = click.option("--sync", "do_sync", is_flag=True,
+                           help="Sync scheduler states and results into the ledger first.")
+
+
+def _report(state, grid, metric, cost, do_sync=False):
     from budgetlab.report import build_report, parse_costs
 
     costs = parse_costs(cost) if cost is not None else None
     led = state.ledger(create=False)
-    return build_report(led, grid_name(grid), metric=metric, costs=costs)
+    name = grid_name(grid)
+    if do_sync:
+        from budgetlab.sync import sync
+        led.grid(name)  # an unknown grid is bad input before anything is written
+        sync(led, state.workdir)
+    return build_report(led, name, metric=metric, costs=costs)
 
 
 @main.command()
@@ -40,13 +49,15 @@ def _report(state, grid, metric, cost):
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write cells as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write a figure (PNG): score vs budget, one line per SFT share.")
+@sync_option
 @json_option
 @pass_state
-def report(state, grid, metric, cost, csv_path, plot_path, as_json):
+def report(state, grid, metric, cost, csv_path, plot_path, do_sync, as_json):
     """Heatmaps budget x SFT share per method, best split per budget, spend and compute.
 
-    GRID is the grid's spec file or its name in the ledger."""
-    rep = _report(state, grid, metric, cost)
+    GRID is the grid's spec file or its name in the ledger. The report reads the ledger as
+    it is; --sync first brings in what finished since the last sync."""
+    rep = _report(state, grid, metric, cost, do_sync)
     if csv_path:
         from budgetlab.report import write_csv
         try:
@@ -72,13 +83,14 @@ def report(state, grid, metric, cost, csv_path, plot_path, as_json):
 @cost_option
 @click.option("--top", default=3, show_default=True, type=click.IntRange(1, 20),
               help="How many next runs to suggest.")
+@sync_option
 @json_option
 @pass_state
-def recommend(state, grid, budget, metric, cost, top, as_json):
+def recommend(state, grid, budget, metric, cost, top, do_sync, as_json):
     """The best split at a budget from the measured points, and the next runs worth paying for."""
     from budgetlab.recommend import recommend as advise
 
-    rec = advise(_report(state, grid, metric, cost), budget, top=top)
+    rec = advise(_report(state, grid, metric, cost, do_sync), budget, top=top)
     for a in rec["answers"]:
         if a["warning"]:
             click.echo(f"budgetlab: warning: {a['warning']}", err=True)
@@ -275,6 +287,11 @@ def print_report(rep) -> None:
               f"points; annotation spend {tot['annotation_spend']:,.10g} {rep.unit}; "
               f"{tot['gpu_hours']:.3g} GPU-hours{usd}, {tot['cpu_hours']:.3g} CPU-hours "
               f"(shared stages counted once)")
+    active = sum(c["status"] in ("RUNNING", "PENDING", "SUBMITTING", "PREEMPTED")
+                 for c in rep.cells)
+    if active:
+        con.print(f"{active} cell(s) queued or running as of the last sync "
+                  f"(`budgetlab sync` or `report --sync` to refresh)", style="yellow")
     if rep.repriced:
         _print_needed(con, rep)
 

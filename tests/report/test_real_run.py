@@ -66,7 +66,8 @@ def test_run_prints_the_report(real):
 
 def test_json_csv_and_plot_of_a_real_run(real):
     cli, _, root = real
-    r = cli("report", "real", "--sync", "--json", "--csv", root / "c.csv", "--plot", root / "p.png")
+    r = cli("report", "real", "--sync", "--json", "--csv", root / "c.csv",
+            "--plot", root / "p.png")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert list(data) == ["grid", "metric", "cells", "best"] and data["metric"] == "accuracy"

@@ -60,17 +60,29 @@ def _str(v):
         return f"expected a non-empty string, got {_show(v)}"
 
 
+def _sbatch_value(v):
+    # Values become `#SBATCH --key=value` lines: a newline would start a directive of its own.
+    if not isinstance(v, str) or not v:
+        return f"expected a non-empty string, got {_show(v)}"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in v):
+        return f"control characters (newline, tab, ...) are not allowed, got {_show(v)}"
+
+
+def _sbatch_list(v):
+    if not isinstance(v, list):
+        return f"expected a list of strings, got {_show(v)}"
+    for x in v:
+        reason = _sbatch_value(x)
+        if reason:
+            return reason
+
+
 def _lora_targets(v):
     if v == "all-linear":
         return None
     if isinstance(v, list) and v and all(isinstance(x, str) and x for x in v):
         return None
     return f"expected \"all-linear\" or a list of module names, got {_show(v)}"
-
-
-def _str_list(v):
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        return f"expected a list of strings, got {_show(v)}"
 
 
 def _show(v) -> str:
@@ -129,8 +141,9 @@ RESOURCE_DEFAULTS = {
     "micro_batch_size": 4, "zero_stage": 2, "checkpoint_every": 50, "keep_checkpoints": 2,
 }
 SLURM_KEYS = {
-    "partition": _str, "account": _str, "qos": _str, "constraint": _str, "exclude": _str,
-    "array_parallelism": _int(1), "max_array_size": _int(1), "extra_sbatch": _str_list,
+    "partition": _sbatch_value, "account": _sbatch_value, "qos": _sbatch_value,
+    "constraint": _sbatch_value, "exclude": _sbatch_value,
+    "array_parallelism": _int(1), "max_array_size": _int(1), "extra_sbatch": _sbatch_list,
     "snapshot_code": _bool,
 }
 SLURM_DEFAULTS = {"array_parallelism": 64}

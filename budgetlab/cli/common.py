@@ -84,4 +84,12 @@ def load_plan(grid_path: str):
     """Parse + validate a grid spec and build its stage graph (BadInput on bad specs)."""
     from budgetlab.graph import build_plan
     from budgetlab.spec import load_spec
-    return build_plan(load_spec(grid_path))
+    from budgetlab.tasks import TaskDataError, check_local_sources
+
+    spec = load_spec(grid_path)
+    for task, data in spec.data.items():
+        try:
+            check_local_sources(task, data)
+        except TaskDataError as e:
+            raise BadInput(f"{spec.path}: data.{task}: {e}") from None
+    return build_plan(spec)

@@ -89,3 +89,38 @@ def kto_examples(pairs: list[dict]) -> list[dict]:
         out.append({"prompt": p["prompt"], "completion": p["chosen"], "label": True})
         out.append({"prompt": p["prompt"], "completion": p["rejected"], "label": False})
     return out
+
+
+def check_local_sources(name: str, data: dict) -> None:
+    """Read and check every row of a task's local data files before anything is written
+    (submit runs this on the login node; the worker would otherwise find a bad row only
+    after the ledger and the queue were filled). TaskDataError names the file and line/row."""
+    from pathlib import Path
+
+    task = get_task(name, data)
+    for key, source in task.data.items():
+        if key not in ("sft", "preferences", "eval") or not Path(str(source)).is_file():
+            continue  # hub ids are read on the compute node
+        path = Path(str(source))
+        if path.suffix == ".jsonl":
+            _check_jsonl_lines(path)
+        task._rows(key)
+
+
+def _check_jsonl_lines(path) -> None:
+    """Line-level errors with their line number (the datasets reader does not give one)."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise TaskDataError(f"{path}: empty file")
+    for i, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise TaskDataError(f"{path}: line {i}: not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            raise TaskDataError(f"{path}: line {i}: not JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise TaskDataError(f"{path}: line {i}: expected a JSON object, got "
+                                f"{type(row).__name__}")

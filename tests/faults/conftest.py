@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import sqlite3
-import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # faultkit: the helpers
 
-REPO = Path(__file__).resolve().parents[2]
-BUDGETLAB = [sys.executable, "-c", "import sys; from budgetlab.cli import main; sys.argv[0] = 'budgetlab'; main()"]
+from faultkit import CLI, slurm_env  # noqa: E402
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 # nodeid -> {"scenario": str, "figures": dict}; outcomes come from the report hook.
 _FIGURES: dict[str, dict] = {}
@@ -74,42 +70,6 @@ def _fmt(v) -> str:
     return f"{v:.1f}" if isinstance(v, float) else str(v)
 
 
-# -- the CLI as a separate process ------------------------------------------------------------
-class CLI:
-    """budgetlab as users run it: a fresh process with --ledger/--workdir of a temp dir."""
-
-    def __init__(self, root: Path, env: dict | None = None):
-        self.root = root
-        self.ledger = root / "ledger.db"
-        self.workdir = root / "runs"
-        self.env = dict(os.environ, **(env or {}))
-        self.env.pop("BUDGETLAB_LEDGER", None)
-        self.env.pop("BUDGETLAB_WORKDIR", None)
-
-    def argv(self, *args) -> list[str]:
-        return [*BUDGETLAB, "--ledger", str(self.ledger), "--workdir", str(self.workdir),
-                *map(str, args)]
-
-    def __call__(self, *args, timeout: float = 300, check: bool = False):
-        p = subprocess.run(self.argv(*args), capture_output=True, text=True, env=self.env,
-                           timeout=timeout, cwd=self.root)
-        if check and p.returncode != 0:
-            raise AssertionError(f"budgetlab {' '.join(map(str, args))} -> {p.returncode}\n"
-                                 f"{p.stdout}\n{p.stderr}")
-        return p
-
-    def json(self, *args, timeout: float = 300):
-        p = self(*args, "--json", timeout=timeout, check=True)
-        return json.loads(p.stdout)
-
-    def db(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.ledger, timeout=60)
-
-    def rows(self, sql: str, params=()) -> list[tuple]:
-        with self.db() as c:
-            return c.execute(sql, params).fetchall()
-
-
 @pytest.fixture
 def cli(tmp_path):
     return CLI(tmp_path)
@@ -124,110 +84,11 @@ def tiny_model(tmp_path_factory):
                       heads=2)
 
 
-GRID = """
-name = "{name}"
-[grid]
-tasks = ["arith"]
-models = ["{model}"]
-budgets = {budgets}
-sft_fractions = {fractions}
-methods = {methods}
-seeds = {seeds}
-[train]
-max_length = 64
-batch_size = 4
-epochs = {epochs}
-[train.sft]
-lr = 1e-3
-[eval]
-limit = 4
-max_new_tokens = 2
-batch_size = 4
-baseline = false
-[resources]
-micro_batch_size = {micro}
-zero_stage = 0
-checkpoint_every = {every}
-keep_checkpoints = 2
-time_min = 10
-mem_gb = 1
-cpus_per_task = 1
-{extra}
-"""
-
-
-def write_grid(path: Path, model: str, name: str = "f", budgets=(8,), fractions=(1.0,),
-               methods=("dpo",), seeds=(0,), epochs: int = 1, every: int = 50, micro: int = 4,
-               extra: str = "") -> Path:
-    path.write_text(textwrap.dedent(GRID.format(
-        name=name, model=model, budgets=json.dumps(list(budgets)),
-        fractions=json.dumps(list(fractions)), methods=json.dumps(list(methods)),
-        seeds=json.dumps(list(seeds)), epochs=epochs, every=every, micro=micro,
-        extra=textwrap.dedent(extra))))
-    return path
-
-
-# -- the local SLURM cluster ---------------------------------------------------------------
-def _slurm_env() -> dict | None:
-    if not shutil.which("sbatch"):
-        return None
-    env = {}
-    if not os.environ.get("SLURM_CONF"):
-        p = subprocess.run(["bash", str(REPO / "slurm" / "cluster.sh"), "env"],
-                           capture_output=True, text=True)
-        for line in p.stdout.splitlines():
-            k, _, v = line.partition("=")
-            env[k] = v
-    merged = dict(os.environ, **env)
-    p = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=merged,
-                       timeout=60)
-    if p.returncode != 0 or not p.stdout.strip():
-        return None
-    return env
-
-
 @pytest.fixture(scope="session")
 def slurm():
     """The cluster's environment (SLURM_CONF ...); skips when `slurm/cluster.sh up` was not run."""
-    env = _slurm_env()
+    env = slurm_env()
     if env is None:
         pytest.skip("no local SLURM cluster (run: bash slurm/cluster.sh up)")
     os.environ.update(env)
     return env
-
-
-def scontrol_show(job_id: str) -> dict:
-    p = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
-                       text=True, timeout=60)
-    out = {}
-    for tok in p.stdout.split():
-        k, _, v = tok.partition("=")
-        out[k] = v
-    return out
-
-
-def wait_until(cond, timeout: float, what: str, poll: float = 0.5):
-    """Poll cond() until it returns something truthy; fail with `what` after timeout s."""
-    end = time.time() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.time() > end:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(poll)
-
-
-def progress_step(stage_dir: Path) -> int:
-    try:
-        return int(json.loads((stage_dir / "progress.json").read_text()).get("step", 0))
-    except (OSError, ValueError):
-        return 0
-
-
-def sync_until_done(cli: CLI, timeout: float, poll: float = 2.0) -> dict:
-    """Sync until nothing is queued or running; returns the last status of grid 'f'."""
-    def done():
-        st = cli.json("status", "f")
-        return st if st["active"] == 0 else None
-    return wait_until(done, timeout, "the grid to finish", poll)

@@ -190,6 +190,7 @@ def sync(led: Ledger, workdir: str | Path) -> SyncReport:
         for (executor, jid), group in jobs.items():
             _sync_job(led, workdir, executor, jid, group, runs.get((executor, jid)),
                       accounting.get(executor, True), now, report, to_cancel)
+        _block_orphans(led, jobs, report, to_cancel)
     for name, ids in to_cancel.items():
         from budgetlab.executors import get_backend
         get_backend(name, workdir).cancel(sorted(ids))
@@ -294,6 +295,30 @@ def _sync_job(led, workdir, executor, jid, group, job_runs, accounting, now, rep
                                          "NODE_FAIL", "MISSING")
             report.blocked += outcome == "BLOCKED"
         led.set_stage_state(sid, outcome, error=error)
+
+
+def _block_orphans(led, jobs, report, to_cancel) -> None:
+    """A queued job whose head's parent ended without completing will never run (SLURM says
+    DependencyNeverSatisfied in squeue only; sacct keeps "Dependency"): BLOCKED, cancelled."""
+    from budgetlab.ledger import FINISHED
+
+    for (executor, jid), group in jobs.items():
+        head = min(group, key=lambda a: a["attempt_id"])
+        if led.latest_attempt(head["stage_id"])["outcome"] != "PENDING":
+            continue
+        parent_id = led.stage(head["stage_id"])["parent_id"]
+        parent = led.stage(parent_id) if parent_id else None
+        if parent is None or parent["state"] not in FINISHED or parent["state"] == "COMPLETED":
+            continue
+        msg = f"parent stage {parent_id} ended {parent['state']}"
+        for a in group:
+            latest = led.latest_attempt(a["stage_id"])
+            led.update_attempt(latest["attempt_id"], outcome="BLOCKED", error=msg)
+            led.set_stage_state(a["stage_id"], "BLOCKED", error=msg)
+            report.blocked += 1
+            report.changed += 1
+        if not jid.startswith("?"):
+            to_cancel.setdefault(executor, set()).add(jid)
 
 
 def _share(run, stage: StageDir) -> tuple[str, float]:

@@ -65,7 +65,7 @@ def log_path(folder: Path, job_id: str) -> str:
 def sbatch_parameters(res: dict, settings: dict, job_name: str) -> dict:
     """submitit parameters for one array: resources of the unit + the spec's [slurm]."""
     gpus = int(res.get("gpus_per_node") or 0)
-    time_min = max(1, math.ceil(float(res["time_min"])))
+    time_min = max(1, round(float(res["time_min"])))   # SLURM counts whole minutes
     params = {
         "job_name": job_name, "nodes": int(res.get("nodes", 1)),
         "ntasks_per_node": int(res.get("tasks_per_node") or max(gpus, 1)),

@@ -1,0 +1,78 @@
+"""Fixtures for the cluster tests: a tiny random Llama (built locally, no hub), grid files,
+and the local SLURM from slurm/cluster.sh (tests marked `slurm` skip when it is not up)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from budgetlab.train.tiny import make_llama
+    return make_llama(tmp_path_factory.mktemp("model") / "tiny", hidden=32, layers=1, heads=2)
+
+
+def write_grid(path: Path, model: str, *, name="g", budgets=(16,), fractions=(1.0, 0.5),
+               methods=("dpo",), seeds=(0,), epochs=1, tasks_per_node=1, time_min=5,
+               checkpoint_every=50, extra="") -> Path:
+    path.write_text(textwrap.dedent(f"""\
+        name = "{name}"
+        [grid]
+        tasks = ["arith"]
+        models = ["{model}"]
+        budgets = {list(budgets)}
+        sft_fractions = {list(fractions)}
+        methods = {list(methods)!r}
+        seeds = {list(seeds)}
+        [train]
+        epochs = {epochs}
+        batch_size = 4
+        max_length = 64
+        [eval]
+        limit = 8
+        max_new_tokens = 8
+        batch_size = 8
+        baseline = false
+        [resources]
+        time_min = {time_min}
+        mem_gb = 1
+        cpus_per_task = 1
+        tasks_per_node = {tasks_per_node}
+        micro_batch_size = {4 // tasks_per_node}
+        checkpoint_every = {checkpoint_every}
+        """).replace("'", '"') + extra)
+    return path
+
+
+@pytest.fixture
+def grid_file():
+    return write_grid
+
+
+def _cluster_up() -> bool:
+    if not shutil.which("sinfo") or not os.environ.get("SLURM_CONF"):
+        return False
+    p = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return p.returncode == 0 and bool(p.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The cluster of `bash slurm/cluster.sh up` (make test starts it and exports SLURM_CONF)."""
+    if not _cluster_up():
+        pytest.skip("no local SLURM: run `bash slurm/cluster.sh up` and "
+                    "`eval \"$(bash slurm/cluster.sh env)\"` (make test does both)")
+    return os.environ["SLURM_CONF"]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_env(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")

@@ -1,0 +1,194 @@
+"""Units, arrays, escalation and sync classification, without starting any job."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from budgetlab.errors import BadInput
+from budgetlab.executors.core import Unit, escalate, plan_units
+from budgetlab.executors.slurm import SlurmBackend, expand_job_id, sbatch_parameters
+from budgetlab.graph import build_plan
+from budgetlab.ledger import Ledger
+from budgetlab.spec import load_spec
+from budgetlab.stagedir import StageDir
+from budgetlab.sync import open_attempts, status, sync
+
+
+def _ledger(tmp_path, grid_file, tiny_model, **kw):
+    plan = build_plan(load_spec(grid_file(tmp_path / "g.toml", tiny_model, **kw)))
+    led = Ledger(tmp_path / "ledger.db")
+    led.register(plan)
+    return plan, led
+
+
+def test_units_put_eval_in_its_training_job(tmp_path, grid_file, tiny_model):
+    plan, led = _ledger(tmp_path, grid_file, tiny_model, budgets=(16, 32),
+                        fractions=(1.0, 0.5), methods=("dpo", "kto"))
+    units, blocked, skipped = plan_units(led, list(plan.stages))
+    assert not blocked and not skipped
+    assert sum(len(u.stages) for u in units) == len(plan.stages)
+    for u in units:
+        assert all(s["kind"] == "eval" for s in u.stages[1:])
+        for s in u.stages[1:]:
+            assert s["parent_id"] == u.head["stage_id"]
+        if u.head["parent_id"]:
+            assert u.parent_unit is not None and u.parent_unit.head["stage_id"] == u.head["parent_id"]
+    # No eval waits alone for a training stage of the same submission.
+    assert not [u for u in units if u.kind == "eval" and u.parent_unit is not None]
+
+
+def test_arrays_follow_parent_indices_and_split_siblings(tmp_path, grid_file, tiny_model):
+    # budget 16 and 32 at f=0.5 give SFT 8 and 16; f=1.0 at 16 reuses SFT 16 (shared).
+    plan, led = _ledger(tmp_path, grid_file, tiny_model, budgets=(16, 32),
+                        fractions=(1.0, 0.5), methods=("dpo", "kto"))
+    units, _, _ = plan_units(led, list(plan.stages))
+    backend = SlurmBackend(tmp_path, {})
+    roots = [u for u in units if u.parent_unit is None]
+    arrays = backend._arrays(roots, max_size=1001)
+    for arr in arrays:
+        for u, i in zip(arr.units, arr.indices):
+            u.job_id = f"{100 + arrays.index(arr)}_{i}"
+    children = [u for u in units if u.parent_unit is not None]
+    child_arrays = backend._arrays(children, max_size=1001)
+    for arr in child_arrays:
+        assert arr.dependency.startswith("aftercorr:")
+        base = arr.dependency.split(":")[1]
+        assert len(set(arr.indices)) == len(arr.indices)     # one task per index
+        for u, i in zip(arr.units, arr.indices):
+            assert u.parent_unit.job_id == f"{base}_{i}"      # task i waits for task i
+    # Each SFT has a DPO and a KTO child: two child arrays per (kind) instead of one per child.
+    assert len(child_arrays) < len(children)
+    # A root group larger than MaxArraySize is split.
+    assert len(backend._arrays(roots, max_size=1)) == len(roots)
+
+
+def test_escalation():
+    r = {"time_min": 30, "mem_gb": 8, "micro_batch_size": 4, "nodes": 1}
+    assert escalate(r, "TIMEOUT")["time_min"] == 60
+    assert escalate(r, "OUT_OF_MEMORY")["mem_gb"] == 16
+    assert escalate(r, "CUDA_OOM")["micro_batch_size"] == 2
+    assert escalate({**r, "micro_batch_size": 1}, "CUDA_OOM")["micro_batch_size"] == 1
+    assert escalate({**r, "exclude": "n1"}, "NODE_FAIL", "n2,n1")["exclude"] == "n1,n2"
+    assert escalate(r, "FAILED") == r
+
+
+def test_expand_job_ids():
+    assert expand_job_id("12_[1,3-5%2]") == ["12_1", "12_3", "12_4", "12_5"]
+    assert expand_job_id("12_3") == ["12_3"]
+    assert expand_job_id("12") == ["12"]
+
+
+def test_sbatch_parameters_from_spec():
+    res = {"nodes": 2, "gpus_per_node": 4, "tasks_per_node": 4, "cpus_per_task": 8,
+           "mem_gb": 1.5, "time_min": 90.5, "exclude": "bad1"}
+    p = sbatch_parameters(res, {"partition": "gpu", "account": "a; rm -rf /", "exclude": "bad0",
+                                "extra_sbatch": ["--reservation=r1", "--requeue"]}, "bl-x")
+    assert p["nodes"] == 2 and p["ntasks_per_node"] == 4 and p["gpus_per_node"] == 4
+    assert p["mem"] == "1536MB" and p["time"] == 90 and p["exclude"] == "bad0,bad1"
+    assert p["account"] == "a; rm -rf /"        # a value, quoted by submitit, never a shell word
+    assert p["additional_parameters"] == {"reservation": "r1", "requeue": True}
+    with pytest.raises(BadInput, match="extra_sbatch"):
+        sbatch_parameters(res, {"extra_sbatch": ["reservation r1"]}, "x")
+
+
+# -- sync against local runner state files ----------------------------------------------------
+def _attempt(led, unit_stage_ids, job_id, executor="local", age=0.0):
+    ids = []
+    with led.write():
+        for sid in unit_stage_ids:
+            aid = led.begin_attempt(sid, executor, {"time_min": 5}, job_name="t")
+            led.update_attempt(aid, job_id=job_id, outcome="PENDING",
+                               submitted_at=time.time() - age)
+            ids.append(aid)
+    return ids
+
+
+def _state(workdir, job_id, **st):
+    d = workdir / "local" / "jobs"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{job_id}.state.json").write_text(json.dumps({"job_id": job_id, **st}))
+
+
+def _train_and_eval(plan):
+    sft = next(s for s in plan.stages.values() if s.kind == "sft" and
+               any(c.kind == "eval" for c in plan.children(s.stage_id)))
+    ev = next(c for c in plan.children(sft.stage_id) if c.kind == "eval")
+    return sft, ev
+
+
+def test_sync_classifies_from_state_and_stage_dirs(tmp_path, grid_file, tiny_model):
+    plan, led = _ledger(tmp_path, grid_file, tiny_model)
+    wd = tmp_path / "runs"
+    sft, ev = _train_and_eval(plan)
+    _attempt(led, [sft.stage_id, ev.stage_id], "L7")
+    # A failed training stage: its error record wins; its eval is BLOCKED.
+    StageDir.of(wd, sft.stage_id).write_error({"type": "ValueError", "outcome": "FAILED",
+                                               "message": "ValueError: bad row 3"})
+    _state(wd, "L7", state="FAILED", exit_code="1:0", started_at=time.time() - 5,
+           ended_at=time.time(), cpus=1)
+    rep = sync(led, wd)
+    assert led.stage(sft.stage_id)["state"] == "FAILED"
+    assert led.latest_attempt(sft.stage_id)["error"] == "ValueError: bad row 3"
+    assert led.latest_attempt(sft.stage_id)["raw_state"] == "FAILED"
+    assert led.stage(ev.stage_id)["state"] == "BLOCKED"
+    assert rep.failed == 1 and rep.blocked == 1 and not open_attempts(led)
+
+
+def test_result_wins_and_corrupt_result_fails(tmp_path, grid_file, tiny_model):
+    plan, led = _ledger(tmp_path, grid_file, tiny_model)
+    wd = tmp_path / "runs"
+    sft, ev = _train_and_eval(plan)
+    _attempt(led, [sft.stage_id, ev.stage_id], "L8")
+    StageDir.of(wd, sft.stage_id).write_result({"stage_id": sft.stage_id, "metrics": {"loss": 1.5},
+                                                "tokens": 99, "wall_seconds": 3.0})
+    StageDir.of(wd, ev.stage_id).log_dir.mkdir(parents=True)
+    StageDir.of(wd, ev.stage_id).result_path.write_text('{"stage_id": "x", "metr')
+    _state(wd, "L8", state="RUNNING", started_at=time.time() - 5, cpus=2)
+    sync(led, wd)
+    assert led.stage(sft.stage_id)["state"] == "COMPLETED"      # the scheduler still says RUNNING
+    assert led.metrics([sft.stage_id])[sft.stage_id] == {"loss": 1.5}
+    assert led.latest_attempt(sft.stage_id)["tokens"] == 99
+    assert led.stage(ev.stage_id)["state"] == "RUNNING"          # not judged while it runs
+    _state(wd, "L8", state="COMPLETED", exit_code="0:0", started_at=time.time() - 5,
+           ended_at=time.time(), cpus=2)
+    sync(led, wd)
+    att = led.latest_attempt(ev.stage_id)
+    assert att["outcome"] == "FAILED" and "invalid JSON" in att["error"]
+    st = status(led, "g")
+    assert st["stages"]["sft"]["COMPLETED"] == 1 and st["stages"]["eval"]["FAILED"] == 1
+
+
+def test_unknown_job_becomes_missing_after_grace(tmp_path, grid_file, tiny_model):
+    plan, led = _ledger(tmp_path, grid_file, tiny_model)
+    wd = tmp_path / "runs"
+    sft, ev = _train_and_eval(plan)
+    _attempt(led, [sft.stage_id], "L99")
+    sync(led, wd)
+    assert led.stage(sft.stage_id)["state"] == "PENDING"   # too early to call it lost
+    with led.write():
+        led.update_attempt(led.latest_attempt(sft.stage_id)["attempt_id"],
+                           submitted_at=time.time() - 3600)
+    sync(led, wd)
+    att = led.latest_attempt(sft.stage_id)
+    assert att["outcome"] == "MISSING" and "no longer knows job L99" in att["error"]
+
+
+def test_never_satisfied_dependency_is_blocked(tmp_path, grid_file, tiny_model):
+    plan, led = _ledger(tmp_path, grid_file, tiny_model)
+    wd = tmp_path / "runs"
+    dpo = next(s for s in plan.stages.values() if s.kind == "dpo")
+    _attempt(led, [dpo.stage_id], "L5")
+    _state(wd, "L5", state="PENDING", reason="DependencyNeverSatisfied")
+    sync(led, wd)
+    assert led.stage(dpo.stage_id)["state"] == "BLOCKED"
+    assert (wd / "local" / "jobs" / "L5.cancel").exists()     # the queued job is cancelled
+
+
+def test_resubmit_rejects_unknown_state(tmp_path, grid_file, tiny_model):
+    from budgetlab.executors import resubmit
+    plan, led = _ledger(tmp_path, grid_file, tiny_model)
+    with pytest.raises(BadInput, match="--state: RUNNING"):
+        resubmit(led, tmp_path / "runs", grid="g", states=("RUNNING",))

@@ -1,0 +1,162 @@
+"""End to end on the real local SLURM (slurm/cluster.sh up): arrays, ranks, failures,
+resubmission, blocked children, preemption, time limits, scancel. No fake sbatch/sacct."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from budgetlab.executors import cancel, resubmit, submit, wait
+from budgetlab.graph import build_plan
+from budgetlab.ledger import Ledger
+from budgetlab.spec import load_spec
+from budgetlab.stagedir import StageDir
+from budgetlab.sync import sync
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def _setup(tmp_path, grid_file, model, **kw):
+    plan = build_plan(load_spec(grid_file(tmp_path / "g.toml", model, **kw)))
+    return plan, Ledger(tmp_path / "ledger.db"), tmp_path / "runs"
+
+
+def _attempts(led, sid):
+    return led.attempts(stage_id=sid)
+
+
+def _wait_for(cond, timeout, what):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _progress_step(wd, sid) -> int:
+    p = StageDir.of(wd, sid).read_progress() or {}
+    return int(p.get("step") or 0)
+
+
+def test_grid_end_to_end_with_two_ranks(tmp_path, grid_file, tiny_model, slurm_cluster):
+    plan, led, wd = _setup(tmp_path, grid_file, tiny_model, name="e2e", budgets=(16, 32),
+                           fractions=(1.0, 0.5, 0.0), tasks_per_node=2)
+    assert len(plan.stages) >= 12
+    res = submit(led, plan, wd, executor="slurm")
+    # sft array, dpo-on-base array, dpo-after-sft array (aftercorr): not one job per stage.
+    assert res.sbatch_calls <= 4 and res.jobs < len(plan.stages)
+    st = wait(led, wd, "e2e", poll_s=3, timeout_s=600)
+    bad = {s["stage_id"]: (s["state"], s["error"]) for s in led.stages(grid="e2e")
+           if s["state"] != "COMPLETED"}
+    assert not bad, bad
+    assert st["points_done"] == st["points_total"] == len(plan.points)
+    for s in led.stages(grid="e2e"):
+        if s["kind"] != "eval":
+            assert s["result"]["world_size"] == 2      # two ranks over gloo, one per task
+        att = led.latest_attempt(s["stage_id"])
+        assert att["executor"] == "slurm" and "_" in att["job_id"]
+        assert att["raw_state"].startswith("COMPLETED") or att["raw_state"].startswith("RUNNING")
+    # One sacct call per sync, whatever the number of jobs.
+    with led.write():
+        for s in led.stages(grid="e2e"):
+            a = led.latest_attempt(s["stage_id"])
+            led.update_attempt(a["attempt_id"], outcome="RUNNING")
+    rep = sync(led, wd)
+    assert rep.attempts == len(plan.stages) and rep.sacct_calls == 1
+    heads = [a for a in led.attempts() if a["cpu_seconds"]]
+    assert heads and not any(a["gpu_seconds"] for a in heads)   # CPU jobs: CPU-seconds only
+
+
+def test_failure_resubmit_releases_blocked_children(tmp_path, grid_file, tiny_model,
+                                                    slurm_cluster):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    plan, led, wd = _setup(tmp_path, grid_file, str(model), name="fail", budgets=(16,),
+                           fractions=(0.5,))
+    sft = next(s for s in plan.stages.values() if s.kind == "sft")
+    dpo = next(s for s in plan.stages.values() if s.kind == "dpo")
+    (model / "config.json").rename(tmp_path / "config.json")       # the cause
+    submit(led, plan, wd, executor="slurm")
+    wait(led, wd, "fail", poll_s=2, timeout_s=300)
+    row = led.stage(sft.stage_id)
+    assert row["state"] == "FAILED", row
+    err = StageDir.of(wd, sft.stage_id).read_error()
+    assert err and led.latest_attempt(sft.stage_id)["error"] == err["message"]
+    assert "\n" not in err["message"] and err["message"].split(":")[0].endswith(("Error", "Exception"))
+    for s in plan.stages.values():
+        if s.stage_id != sft.stage_id:
+            assert led.stage(s.stage_id)["state"] == "BLOCKED", s.kind
+    (tmp_path / "config.json").rename(model / "config.json")       # cause removed
+    res, notes = resubmit(led, wd, grid="fail")
+    assert {n["stage_id"] for n in notes} >= {sft.stage_id}
+    assert sum(len(u.stages) for u in res.units) == len(plan.stages)
+    wait(led, wd, "fail", poll_s=2, timeout_s=300)
+    assert all(led.stage(s)["state"] == "COMPLETED" for s in plan.stages), \
+        [(s["kind"], s["state"], s["error"]) for s in led.stages(grid="fail")]
+    outcomes = [a["outcome"] for a in _attempts(led, sft.stage_id)]
+    assert outcomes == ["FAILED", "COMPLETED"]
+    assert led.stage(dpo.stage_id)["state"] == "COMPLETED"
+
+
+def test_preempted_job_resumes_from_checkpoint(tmp_path, grid_file, tiny_model, slurm_cluster):
+    plan, led, wd = _setup(tmp_path, grid_file, tiny_model, name="pre", budgets=(16,),
+                           fractions=(1.0,), epochs=12, checkpoint_every=1000)
+    sft = next(s for s in plan.stages.values() if s.kind == "sft")
+    submit(led, plan, wd, executor="slurm")
+    _wait_for(lambda: _progress_step(wd, sft.stage_id) >= 3, 180, "training to start")
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", "16", "-o", "/dev/null",
+                             "--wrap", "sleep 3"], capture_output=True, text=True, check=True)
+    wait(led, wd, "pre", poll_s=2, timeout_s=400)
+    atts = _attempts(led, sft.stage_id)
+    assert led.stage(sft.stage_id)["state"] == "COMPLETED", atts
+    assert len(atts) >= 2 and atts[0]["outcome"] == "PREEMPTED", atts
+    assert atts[-1]["outcome"] == "COMPLETED" and atts[-1]["resumed_from_step"] >= 3
+    assert len({a["job_id"] for a in atts}) == 1                 # the same job, requeued
+    assert led.stage(sft.stage_id)["result"]["resumed_from_step"] >= 3
+    subprocess.run(["scancel", urgent.stdout.strip()], capture_output=True)
+
+
+def test_time_limit_checkpoints_requeues_and_completes(tmp_path, grid_file, tiny_model,
+                                                        slurm_cluster):
+    extra = "[resources.sft]\ntime_min = 1\n[resources.eval]\ntime_min = 0.01\n"
+    plan, led, wd = _setup(tmp_path, grid_file, tiny_model, name="tle", budgets=(16,),
+                           fractions=(1.0,), epochs=40, checkpoint_every=1000, extra=extra)
+    sft = next(s for s in plan.stages.values() if s.kind == "sft")
+    submit(led, plan, wd, executor="slurm")
+    wait(led, wd, "tle", poll_s=3, timeout_s=540)
+    atts = _attempts(led, sft.stage_id)
+    assert led.stage(sft.stage_id)["state"] == "COMPLETED", atts
+    assert len(atts) >= 2 and atts[0]["outcome"] == "TIMEOUT", atts
+    assert atts[-1]["resumed_from_step"] and atts[-1]["resumed_from_step"] > 0
+
+
+def test_scancel_is_cancelled_and_child_blocked(tmp_path, grid_file, tiny_model, slurm_cluster):
+    plan, led, wd = _setup(tmp_path, grid_file, tiny_model, name="can", budgets=(16,),
+                           fractions=(0.5,), epochs=200)
+    sft = next(s for s in plan.stages.values() if s.kind == "sft")
+    dpo = next(s for s in plan.stages.values() if s.kind == "dpo")
+    submit(led, plan, wd, executor="slurm")
+    job = led.latest_attempt(sft.stage_id)["job_id"]
+    _wait_for(lambda: sync(led, wd) and led.stage(sft.stage_id)["state"] == "RUNNING", 120,
+              "the job to run")
+    subprocess.run(["scancel", job], check=True)
+    wait(led, wd, "can", poll_s=2, timeout_s=120)
+    att = led.latest_attempt(sft.stage_id)
+    assert att["outcome"] == "CANCELLED" and att["raw_state"].startswith("CANCELLED")
+    assert led.stage(dpo.stage_id)["state"] == "BLOCKED"
+    # budgetlab cancel on work that is queued: ledger keeps it as CANCELLED.
+    res, _ = resubmit(led, wd, grid="can", states=("CANCELLED",))
+    assert res.jobs == 2
+    cancelled = cancel(led, wd, grid="can")
+    assert {a["stage_id"] for a in cancelled} == set(plan.stages)
+    assert all(led.stage(s)["state"] == "CANCELLED" for s in plan.stages)
+    time.sleep(2)
+    out = subprocess.run(["squeue", "-h", "-j", ",".join(
+        sorted({a["job_id"] for a in cancelled}))], capture_output=True, text=True).stdout
+    assert "R " not in out and " PD " not in out

@@ -10,8 +10,9 @@ deviation, which is the uncertainty shown. Outside the measured range there is n
 only a warning and the nearest measured budget's result, labelled as such.
 
 "Contenders" are candidates whose mean + sd reaches the best's mean - sd (a single seed
-borrows the median sd of the others): the data cannot order them yet. The next runs are chosen to separate them: measure them at the budget itself,
-fill their missing or failed cells, add a seed where the spread is unknown or wide.
+borrows the median sd of the others): the data cannot order them yet. The next runs are
+chosen to separate them: measure them at the budget itself, fill their missing or failed
+cells, add a seed where the spread is unknown or wide.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def _answer(rep: Report, task: str, model: str, budget: float, top: int) -> dict
                 continue
             sd = (None if g_lo["score_std"] is None or g_hi["score_std"] is None
                   else (1 - w) * g_lo["score_std"] + w * g_hi["score_std"])
-            rows.append(_row(rep, key, budget, (1 - w) * g_lo["score_mean"] + w * g_hi["score_mean"],
-                             sd, min(g_lo["n_seeds"], g_hi["n_seeds"]),
+            mean = (1 - w) * g_lo["score_mean"] + w * g_hi["score_mean"]
+            rows.append(_row(rep, key, budget, mean, sd, min(g_lo["n_seeds"], g_hi["n_seeds"]),
                              max(g_lo["seeds"], g_hi["seeds"])))
         kind, at, rests_on = "interpolated", budget, [lo, hi]
         how = (f"estimate: linear in log(budget) between the measured budgets {lo:g} and "

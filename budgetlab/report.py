@@ -295,7 +295,8 @@ def _reprice(led: Ledger, g: dict, rows: list[dict], costs: dict):
                         r["seed"]))
         if c is None:  # the stored spec no longer matches the registered cells
             raise BadInput(f"grid {g['name']!r}: the stored spec does not produce cell "
-                           f"{r['task']}/{r['method']}/budget {r['budget']:g}/f {r['sft_fraction']:g}"
+                           f"{r['task']}/{r['method']}/budget {r['budget']:g}/share "
+                           f"{r['sft_fraction']:g}"
                            f"; register the grid again")
         # build_plan bought (c.n_sft, c.n_pft) with budgetlab.alloc.allocate at the new costs.
         out.append({**r, "n_sft": c.n_sft, "n_pft": c.n_pft, "point_id": c.point_id,

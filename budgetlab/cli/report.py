@@ -242,7 +242,8 @@ def print_report(rep) -> None:
     best = {(b["task"], b["model"], b["method"], b["budget"]): {b["sft_fraction"], *b["tied"]}
             for b in rep.best}
     for task, model, method in rep.panels():
-        gs = [g for g in rep.groups if (g["task"], g["model"], g["method"]) == (task, model, method)]
+        gs = [g for g in rep.groups
+              if (g["task"], g["model"], g["method"]) == (task, model, method)]
         # One colour scale per task and model, so the methods' panels compare by eye.
         means = [g["score_mean"] for g in rep.groups if (g["task"], g["model"]) == (task, model)
                  and g["score_mean"] is not None]

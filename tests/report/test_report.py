@@ -70,7 +70,7 @@ def test_failed_and_missing_cells_are_not_zero(tmp_path, cli, surf):
 
     r = cli("report", "surf")
     assert r.exit_code == 0, r.output
-    def row(panel, budget):  # the lines of one heatmap row (rows are separated by ├, the header ends at ┩)
+    def row(panel, budget):  # one heatmap row's lines: rows are split by ├, the header ends at ┩
         text = r.stdout.split(f"· {panel}")[1].split("└")[0].split("┩")[1]
         return next(b for b in text.split("├") if b.strip("─┼┤\n│ ").startswith(budget))
 

@@ -306,7 +306,9 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
     state = {"step": 0, "tokens": 0, "epoch_stats": {}, "ref_seconds": ref_seconds}
     resumed = checkpoint.load_latest(engine, stage.checkpoints_dir, env, cfg.zero_stage)
     if resumed is not None:
-        state.update(resumed[1])
+        # Only our keys: DeepSpeed hands back its own metadata too (checkpoint_parallel_
+        # dimensions, ...), which it then refuses in the next save_checkpoint's client_state.
+        state.update({k: v for k, v in resumed[1].items() if k in state})
         log.info("%s: resumed at step %d", stage.root, state["step"])
 
     flag = checkpoint.StopFlag()

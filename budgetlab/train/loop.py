@@ -282,7 +282,7 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
     scorer = Scorer(engine, tokenizer.pad_token_id, cfg, device)
 
     # Reference log-probs: from the untouched starting weights, once; reused on resume.
-    ref, ref_seconds, ref_reused = None, 0.0, None
+    ref, ref_seconds, ref_cpu, ref_reused = None, 0.0, 0.0, None
     if kind != "sft":
         if ref_model is not None:
             ref = Scorer(ref_model, tokenizer.pad_token_id, cfg, device)
@@ -291,7 +291,7 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
             ref = reference.load(stage.root, fp)
             ref_reused = ref is not None
             if ref is None:
-                t0 = time.time()
+                t0, c0 = time.time(), time.process_time()
                 engine.eval()
                 ref = reference.compute(
                     lambda idx: reference_scores(kind, scorer, examples, idx),
@@ -300,10 +300,11 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
                 if env.rank == 0:
                     reference.save(stage.root, fp, ref)
                 dist.barrier()
-                ref_seconds = time.time() - t0
+                ref_seconds, ref_cpu = time.time() - t0, time.process_time() - c0
 
     # Resume.
-    state = {"step": 0, "tokens": 0, "epoch_stats": {}, "ref_seconds": ref_seconds}
+    state = {"step": 0, "tokens": 0, "epoch_stats": {}, "ref_seconds": ref_seconds,
+             "ref_cpu_seconds": ref_cpu}
     resumed = checkpoint.load_latest(engine, stage.checkpoints_dir, env, cfg.zero_stage)
     if resumed is not None:
         # Only our keys: DeepSpeed hands back its own metadata too (checkpoint_parallel_
@@ -319,7 +320,7 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
     last_beat = 0.0
     loss = float("nan")
     engine.train()
-    t_loop = time.time()
+    t_loop, c_loop = time.time(), time.process_time()
     try:
         for step in range(state["step"], len(steps)):
             idx = steps[step]
@@ -392,7 +393,7 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
                 on_step(step + 1, loss, engine)
     finally:
         restore_signals()
-    train_seconds = time.time() - t_loop
+    train_seconds, train_cpu = time.time() - t_loop, time.process_time() - c_loop
 
     base_info = dict(info or {})
     base_info.update({"init_model": str(init_model), "finetune": cfg.finetune, "kind": kind})
@@ -428,6 +429,9 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
         "pad_token_from_eos": bool(getattr(tokenizer, "pad_from_eos", False)),
         "wall_seconds": time.time() - start,
         "train_seconds": train_seconds,  # the step loop of this attempt (tokens/s benchmarks)
+        # CPU seconds of this process: a fair clock for benchmarks on a shared machine
+        "train_cpu_seconds": train_cpu,
+        "reference_cpu_seconds": state.get("ref_cpu_seconds", 0.0),
         "tokens_this_attempt": state["tokens"] - (resumed[1]["tokens"] if resumed else 0),
         "reference_seconds": state.get("ref_seconds", 0.0),
         "reference_reused": ref_reused,

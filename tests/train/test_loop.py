@@ -64,12 +64,13 @@ def test_sft_exports_a_loadable_model_and_counts_truncation(tiny_llama, tmp_path
     assert models.load_tokenizer(stage.model_dir).eos_token == "</s>"
 
 
-def test_lora_exports_merged_weights_equal_to_base_plus_adapter(tiny_llama, tmp_path):
+@pytest.mark.parametrize("zero", [2, 3])
+def test_lora_exports_merged_weights_equal_to_base_plus_adapter(tiny_llama, tmp_path, zero):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     stage, res = train(tmp_path, "lora", "sft", sft_rows(), tiny_llama, finetune="lora",
-                       lora_r=4, lora_alpha=8, lr=1e-2)
+                       lora_r=4, lora_alpha=8, lr=1e-2, zero_stage=zero)
     info = json.loads((stage.model_dir / "budgetlab.json").read_text())
     assert info["finetune"] == "lora" and info["lora"]["merged"] is True
     merged = AutoModelForCausalLM.from_pretrained(stage.model_dir).eval()
@@ -94,7 +95,7 @@ def test_dpo_reference_precomputed_equals_online_reference(tiny_llama, tmp_path)
 
 @pytest.mark.parametrize("kind,zero", [("sft", 3), ("dpo", 2)])
 def test_resume_after_signal_ends_with_the_same_loss(tiny_llama, tmp_path, kind, zero):
-    rows = sft_rows() if kind == "sft" else pair_rows(32)
+    rows = sft_rows(40) if kind == "sft" else pair_rows(32)  # 10 / 8 steps
     full, ref = train(tmp_path, "full", kind, rows, tiny_llama, zero_stage=zero)
 
     def preempt(step, loss, engine):
@@ -102,11 +103,14 @@ def test_resume_after_signal_ends_with_the_same_loss(tiny_llama, tmp_path, kind,
             os.kill(os.getpid(), signal.SIGUSR2)  # seen at the next step boundary
 
     with pytest.raises(checkpoint.TrainingInterrupted, match="SIGUSR2 after step 4"):
-        train(tmp_path, "cut", kind, rows, tiny_llama, zero_stage=zero, on_step=preempt)
+        train(tmp_path, "cut", kind, rows, tiny_llama, zero_stage=zero, checkpoint_every=2,
+              on_step=preempt)
     stage = StageDir(tmp_path / "cut")
-    assert [p.name for _, p in checkpoint.complete(stage.checkpoints_dir)] == ["step-00000004"]
+    assert [p.name for _, p in checkpoint.complete(stage.checkpoints_dir)] == \
+        ["step-00000002", "step-00000004"]
     assert not stage.model_dir.exists()
-    _, res = train(tmp_path, "cut", kind, rows, tiny_llama, zero_stage=zero)
+    # the resumed attempt saves again at step 6 (a resumed run must be able to checkpoint)
+    _, res = train(tmp_path, "cut", kind, rows, tiny_llama, zero_stage=zero, checkpoint_every=2)
     assert res["resumed_from_step"] == 4
     if kind == "dpo":
         assert res["reference_reused"] is True  # read back from the stage directory
@@ -162,3 +166,52 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 def test_bad_spec_values_name_the_key(params, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         TrainConfig.from_spec({"kind": "sft", "params": params})
+
+
+def test_resume_refuses_a_checkpoint_from_another_world_size(tmp_path):
+    from budgetlab.stagedir import atomic_write_json
+
+    ckpt = tmp_path / "checkpoints"
+    atomic_write_json(ckpt / "step-00000004" / "meta.json",
+                      {"step": 4, "world_size": 2, "zero_stage": 2})
+    with pytest.raises(checkpoint.CheckpointMismatch, match="written by 2 ranks with ZeRO stage 2"):
+        checkpoint.load_latest(None, ckpt, ENV, zero_stage=2)
+    with pytest.raises(checkpoint.CheckpointMismatch, match="ZeRO stage 2, this run uses stage 3"):
+        checkpoint.load_latest(None, ckpt, ENV, zero_stage=3)
+    (ckpt / ".tmp-step-00000006").mkdir()  # an interrupted save is never picked
+    assert [s for s, _ in checkpoint.complete(ckpt)] == [4]
+
+
+def test_run_stage_chain_on_the_arith_task_through_the_worker(tiny_llama, tmp_path):
+    """SFT then DPO from the SFT model, as the worker runs a job: data from budgetlab.tasks."""
+    from budgetlab import worker
+
+    def spec(kind, sid, init, parent=None):
+        return {"schema_version": 1, "stage_id": sid, "kind": kind, "task": "arith",
+                "model": tiny_llama, "init_model": init, "seed": 1, "n": 12,
+                "params": {"finetune": "full", "max_length": 64, "epochs": 1, "lr": 1e-3,
+                           "batch_size": 4, **({"beta": 0.5} if kind == "dpo" else {})},
+                "data": {"sft": None, "preferences": None, "eval": None}, "parent": parent,
+                "resources": {"micro_batch_size": 2, "zero_stage": 2, "checkpoint_every": 0,
+                              "keep_checkpoints": 1, "nodes": 1, "time_min": 5}}
+
+    sft, dpo = StageDir(tmp_path / "sft1"), StageDir(tmp_path / "dpo1")
+    sft.write_spec(spec("sft", "sft1", tiny_llama))
+    dpo.write_spec(spec("dpo", "dpo1", str(sft.model_dir),
+                        {"stage_id": "sft1", "kind": "sft", "dir": str(sft.root)}))
+    r_sft, r_dpo = worker.run_stages([str(sft.root), str(dpo.root)])
+    assert r_sft["stage_id"] == "sft1" and r_sft["steps"] == 3 and r_sft["examples"] == 12
+    assert dpo.read_result()["metrics"]["loss"] == r_dpo["metrics"]["loss"]
+    assert r_dpo["metrics"]["reward_accuracy"] >= 0 and r_dpo["kind"] == "dpo"
+    info = json.loads((dpo.model_dir / "budgetlab.json").read_text())
+    assert info["init_model"] == str(sft.model_dir) and info["base_model"] == tiny_llama
+
+
+def test_run_stage_rejects_n_larger_than_the_pool(tiny_llama, tmp_path):
+    from budgetlab.train import run_stage
+
+    stage = StageDir(tmp_path / "big")
+    spec = {"stage_id": "big", "kind": "sft", "task": "arith", "model": tiny_llama,
+            "init_model": tiny_llama, "seed": 0, "n": 10**7, "params": {}, "resources": {}}
+    with pytest.raises(Exception, match="10000000"):
+        run_stage(stage, spec, ENV)

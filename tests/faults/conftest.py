@@ -92,3 +92,12 @@ def slurm():
         pytest.skip("no local SLURM cluster (run: bash slurm/cluster.sh up)")
     os.environ.update(env)
     return env
+
+
+@pytest.fixture
+def scli(tmp_path, slurm):
+    """A CLI for a SLURM test; whatever it left queued or running is cancelled afterwards."""
+    cli = CLI(tmp_path)
+    yield cli
+    if cli.ledger.exists():
+        cli("cancel", timeout=120)

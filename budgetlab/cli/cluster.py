@@ -160,7 +160,7 @@ def resubmit(state, grid, states, executor, dry_run, as_json):
     res, notes = do_resubmit(led, state.workdir, grid=grid, states=chosen, executor=executor,
                              dry_run=dry_run)
     if as_json:
-        echo_json({"dry_run": dry_run, "stages": notes, **res.as_dict()})
+        echo_json({"dry_run": dry_run, **res.as_dict(), "changes": notes})
         return
     for n in notes:
         ch = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in n["changes"].items()) or "as before"

@@ -49,6 +49,7 @@ class SyncReport:
     blocked: int = 0
     sacct_calls: int = 0
     squeue_calls: int = 0
+    controller_down: bool = False  # slurmctld did not answer `scontrol ping`
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -75,9 +76,17 @@ def _slurm_runs(job_ids: list[str], report: SyncReport) -> tuple[dict, bool]:
     global _said_no_accounting
     from budgetlab.executors import slurm
 
+    down = slurm.controller_down()
+    if down:
+        # sacct still answers (slurmdbd), but what it says about running jobs is frozen and
+        # jobs cannot end or start: say so, and mark nothing MISSING until it is back.
+        report.controller_down = True
+        _say(f"warning: the SLURM controller does not answer ({down}); scheduler states are "
+             f"from accounting and may be stale, nothing is marked MISSING until it is back",
+             report)
     try:
         report.sacct_calls += 1
-        return slurm.sacct(job_ids), True
+        return slurm.sacct(job_ids), not down
     except slurm.AccountingDisabled as e:
         if not _said_no_accounting:
             _say(f"SLURM accounting is disabled ({e}): using squeue and the stage "
@@ -182,6 +191,9 @@ def sync(led: Ledger, workdir: str | Path) -> SyncReport:
             runs[(name, jid)] = rs
     to_cancel: dict[str, set[str]] = {}
     now = time.time()
+    orphans = _orphan_jobs(workdir, atts, now, report)
+    for executor, jid in orphans.values():
+        to_cancel.setdefault(executor, set()).add(jid)
     # Attempts of one job (a training stage and its eval) are judged together, head first.
     jobs: dict[tuple[str, str | None], list[dict]] = {}
     for a in atts:
@@ -189,7 +201,7 @@ def sync(led: Ledger, workdir: str | Path) -> SyncReport:
     with led.write():
         for (executor, jid), group in jobs.items():
             _sync_job(led, workdir, executor, jid, group, runs.get((executor, jid)),
-                      accounting.get(executor, True), now, report, to_cancel)
+                      accounting.get(executor, True), now, report, to_cancel, orphans)
         _block_orphans(led, jobs, report, to_cancel)
     for name, ids in to_cancel.items():
         from budgetlab.executors import get_backend
@@ -197,7 +209,8 @@ def sync(led: Ledger, workdir: str | Path) -> SyncReport:
     return report
 
 
-def _sync_job(led, workdir, executor, jid, group, job_runs, accounting, now, report, to_cancel):
+def _sync_job(led, workdir, executor, jid, group, job_runs, accounting, now, report, to_cancel,
+              orphans):
     group.sort(key=lambda a: a["attempt_id"])
     stage_rows = {a["stage_id"]: led.stage(a["stage_id"]) for a in group}
     # Runs of a reused job id (submitted long before our attempt) are someone else's.
@@ -245,7 +258,10 @@ def _sync_job(led, workdir, executor, jid, group, job_runs, accounting, now, rep
             outcome, error = "FAILED", bad
         elif run is None:
             if a["job_id"] is None and (now - (a["submitted_at"] or now)) > MISSING_GRACE_S:
-                outcome, error = "MISSING", "submission did not return a job id"
+                outcome, error = "MISSING", "the submission was interrupted before its job " \
+                    "id was recorded"
+                if a["job_name"] in orphans:
+                    error += f"; its job {orphans[a['job_name']][1]} was found by name and cancelled"
             elif a["job_id"] is not None and accounting and \
                     now - (a["submitted_at"] or now) > MISSING_GRACE_S:
                 err = stage.read_error()
@@ -295,6 +311,32 @@ def _sync_job(led, workdir, executor, jid, group, job_runs, accounting, now, rep
                                          "NODE_FAIL", "MISSING")
             report.blocked += outcome == "BLOCKED"
         led.set_stage_state(sid, outcome, error=error)
+
+
+def _orphan_jobs(workdir: Path, atts: list[dict], now: float, report) -> dict:
+    """Jobs submitted by a `submit` that crashed before recording their ids: found by job
+    name (one squeue call; the local runner's job files) so that they can be cancelled.
+    Returns job name -> (executor, job id)."""
+    lost = [a for a in atts if a["job_id"] is None and a["job_name"] and
+            now - (a["submitted_at"] or now) > MISSING_GRACE_S]
+    out: dict[str, tuple[str, str]] = {}
+    names = {a["executor"]: set() for a in lost}
+    for a in lost:
+        names[a["executor"]].add(a["job_name"])
+    if names.get("slurm"):
+        from budgetlab.executors.slurm import jobs_by_name
+        report.squeue_calls += 1
+        for name, jid in jobs_by_name(sorted(names["slurm"])).items():
+            out[name] = ("slurm", jid)
+    if names.get("local"):
+        for p in (workdir / "local" / "jobs").glob("*.job.json"):
+            try:
+                job = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            if job.get("name") in names["local"]:
+                out[job["name"]] = ("local", job["job_id"])
+    return out
 
 
 def _block_orphans(led, jobs, report, to_cancel) -> None:

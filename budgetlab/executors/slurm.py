@@ -112,6 +112,7 @@ class SlurmBackend:
         self.settings = settings or {}
         self.folder = self.workdir / "submitit"
         self.sbatch_calls = 0
+        self.setup: list[str] = []
 
     def _executor(self) -> ArrayExecutor:
         """A fresh executor: parameters of one array never leak into the next."""
@@ -121,9 +122,35 @@ class SlurmBackend:
             raise RuntimeFailure(f"executor slurm: {e} (start one with slurm/cluster.sh up, "
                                  f"or use --executor local)") from None
 
+    def snapshot_code(self) -> Path:
+        """A copy of the budgetlab package that queued jobs import instead of the live tree
+        ([slurm] snapshot_code = true): editing the code while jobs wait changes nothing."""
+        import hashlib
+        import shutil
+
+        import budgetlab
+        src = Path(budgetlab.__file__).resolve().parent
+        h = hashlib.sha256()
+        for f in sorted(src.rglob("*.py")):
+            h.update(str(f.relative_to(src)).encode())
+            h.update(f.read_bytes())
+        dest = self.workdir / "code" / h.hexdigest()[:12]
+        if not (dest / "budgetlab").exists():
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp / "budgetlab",
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            tmp.rename(dest)
+        return dest
+
     def submit(self, units: list[Unit]) -> None:
         """Give every unit a job id ("A_i"): arrays in dependency waves."""
         self._executor()  # fails early with a clear message when SLURM is absent
+        self.setup = []
+        if self.settings.get("snapshot_code"):
+            import shlex
+            code = self.snapshot_code()
+            self.setup = [f"export PYTHONPATH={shlex.quote(str(code))}${{PYTHONPATH:+:$PYTHONPATH}}"]
         max_size = int(self.settings.get("max_array_size") or DEFAULT_MAX_ARRAY_SIZE)
         parallel = int(self.settings.get("array_parallelism") or 64)
         pending = list(units)
@@ -174,6 +201,9 @@ class SlurmBackend:
             res["time_min"] = max(res["time_min"], r["time_min"])
             res["mem_gb"] = max(res["mem_gb"], r["mem_gb"])
         params = sbatch_parameters(res, self.settings, name)
+        if self.setup:   # run the snapshot: nothing in the job's cwd may shadow it
+            params["setup"] = self.setup
+            params.setdefault("additional_parameters", {})["chdir"] = str(self.workdir)
         if arr.dependency:
             params["dependency"] = arr.dependency
         ex.update_parameters(**params)
@@ -299,6 +329,18 @@ def squeue(job_ids: list[str]) -> dict[str, list[JobRecord]]:
         if len(f) >= 6 and f[0] in wanted:
             out[f[0]] = [JobRecord(job_id=f[0], raw_state=f[1], reason=f[2], nodes=f[5])]
     return out
+
+
+def controller_down() -> str | None:
+    """None if slurmctld answers `scontrol ping`, else what the ping said."""
+    try:
+        p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"scontrol ping: {e}"
+    out = (p.stdout + p.stderr).strip()
+    if p.returncode == 0 and "UP" in out and "DOWN" not in out:
+        return None
+    return " ".join(out.split()) or f"scontrol ping exited {p.returncode}"
 
 
 def jobs_by_name(names: list[str]) -> dict[str, str]:

@@ -111,7 +111,7 @@ class TrainConfig:
             bad("lora_dropout", "must be in [0, 1)")
         choices = {"finetune": ("full", "lora"), "truncation": ("truncate", "drop"),
                    "reference": ("precomputed", "online"), "zero_stage": (0, 1, 2, 3),
-                   "dtype": ("auto", "bf16", "fp16", "fp32")}
+                   "dtype": ("auto", "bf16", "fp32")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"must be one of {', '.join(map(str, allowed))}")

@@ -291,6 +291,8 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
             ref = reference.load(stage.root, fp)
             ref_reused = ref is not None
             if ref is None:
+                if env.rank == 0:  # a long pass on a big pool: say so in the heartbeat
+                    stage.write_progress(phase="reference", step=0, total_steps=len(steps))
                 t0, c0 = time.time(), time.process_time()
                 engine.eval()
                 ref = reference.compute(
@@ -377,7 +379,7 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 if time.time() - last_beat > 2 or step + 1 == len(steps):
-                    stage.write_progress(**row, total_steps=len(steps))
+                    stage.write_progress(**row, phase="train", total_steps=len(steps))
                     last_beat = time.time()
             state["step"] = step + 1
             periodic = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0

@@ -16,15 +16,17 @@ IGNORE = -100  # label of a token that is not scored (prompt, padding)
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Log-probability of each next token: logits [B, T, V], labels [B, T] -> [B, T-1].
 
-    Position t predicts labels[t + 1]; ignored positions get 0.
+    Position t predicts labels[t + 1]; ignored positions get 0. Only scored positions go
+    through the fp32 log-softmax (prompt and padding rows of a large vocabulary are skipped).
     """
     logits = logits[:, :-1, :]
     targets = labels[:, 1:]
     mask = targets != IGNORE
-    safe = targets.masked_fill(~mask, 0)
-    # log_softmax in fp32: bf16 log-probs of long responses lose several digits
-    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return logps * mask
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+    # fp32: bf16 log-probs of long responses lose several digits
+    picked = torch.log_softmax(logits[mask].float(), dim=-1)
+    out = out.masked_scatter(mask, picked.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1))
+    return out
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
@@ -45,10 +47,11 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
 
 def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed NLL over response tokens and their number (prompt and padding are IGNORE)."""
-    logits = logits[:, :-1, :].reshape(-1, logits.size(-1)).float()
-    targets = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
-    return total, int((targets != IGNORE).sum())
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    scored = logits[:, :-1, :][mask].float()  # only response positions reach the softmax
+    total = F.cross_entropy(scored, targets[mask], reduction="sum")
+    return total, int(mask.sum())
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

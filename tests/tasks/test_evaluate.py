@@ -1,0 +1,138 @@
+"""The evaluation stage on the toy model: batched == one at a time, predictions and metrics."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from budgetlab.builtin import resolve
+from budgetlab.stagedir import StageDir
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from budgetlab.models import load_model, load_tokenizer
+
+    path = resolve("arith-tiny")
+    return load_tokenizer(path, padding_side="left"), load_model(path).eval()
+
+
+def test_builtin_resolves_to_a_hf_directory():
+    path = Path(resolve("builtin:arith-tiny"))
+    assert (path / "model.safetensors").exists() and (path / "tokenizer.json").exists()
+    with pytest.raises(ValueError, match="unknown built-in model 'nope'"):
+        resolve("nope")
+
+
+def test_char_tokenizer_round_trip(toy):
+    tok, _ = toy
+    text = "Q: Tom has 12 apples and gets 7 more. How many? A: 12+7=19. #### 19"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.decode(ids) == text
+
+
+def test_cut_at_stop():
+    from budgetlab.evaluate import cut_at_stop
+
+    assert cut_at_stop("12+7=19. #### 19\nQ: next", ("\n", "Q:")) == "12+7=19. #### 19"
+    assert cut_at_stop("abc", ()) == "abc"
+
+
+def test_batched_equals_one_at_a_time(toy):
+    from budgetlab.evaluate import generate
+    from budgetlab.tasks import get_task
+
+    tok, model = toy
+    task = get_task("arith")
+    prompts = [task.format_prompt(tok, e["prompt"]) for e in task.eval_set()[:12]]
+    one, _ = generate(model, tok, prompts, 12, 1, task.stop_strings)
+    batched, n = generate(model, tok, prompts, 12, 5, task.stop_strings)
+    assert one == batched
+    assert n > 0 and all("\n" not in t for t in batched)
+
+
+def _eval_spec(tmp_path, **params):
+    stage = StageDir(tmp_path / "stages" / "e1")
+    spec = {"schema_version": 1, "stage_id": "e1", "kind": "eval", "task": "arith",
+            "model": "builtin:arith-tiny", "seed": 0, "n": None,
+            "params": {"limit": 10, "max_new_tokens": 16, "batch_size": 8, "engine": "hf", **params},
+            "data": {"sft": None, "preferences": None, "eval": None}, "parent": None,
+            "init_model": "builtin:arith-tiny", "resources": {}}
+    stage.write_spec(spec)
+    return stage, spec
+
+
+def test_run_stage_writes_predictions(tmp_path):
+    from budgetlab.dist import DistEnv
+    from budgetlab.evaluate import run_stage
+
+    stage, spec = _eval_spec(tmp_path)
+    result = run_stage(stage, spec, DistEnv())
+    rows = [json.loads(line) for line in (stage.root / "predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(10))
+    assert result["primary_metric"] == "accuracy" and result["n_examples"] == 10
+    mean = sum(r["scores"]["accuracy"] for r in rows) / 10
+    assert result["metrics"]["accuracy"] == pytest.approx(mean)
+    # the base model never learned the answer format: the paper's starting point
+    assert result["metrics"]["accuracy"] == 0.0
+
+
+def test_bad_engine(tmp_path):
+    from budgetlab.dist import DistEnv
+    from budgetlab.evaluate import run_stage
+
+    stage, spec = _eval_spec(tmp_path, engine="tgi")
+    with pytest.raises(ValueError, match="params.engine must be one of"):
+        run_stage(stage, spec, DistEnv())
+
+
+@pytest.mark.slow
+def test_sharded_eval_matches_single(tmp_path):
+    """Two ranks (gloo) through the worker CLI give the same predictions as one process."""
+    single, _ = _eval_spec(tmp_path / "one")
+    sharded, _ = _eval_spec(tmp_path / "two")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    subprocess.run([sys.executable, "-m", "budgetlab.worker", str(single.root)], env=env,
+                   check=True, cwd=ROOT, timeout=300)
+    procs = [subprocess.Popen([sys.executable, "-m", "budgetlab.worker", str(sharded.root)],
+                              cwd=ROOT, env={**env, "RANK": str(r), "WORLD_SIZE": "2",
+                                             "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+                                             "MASTER_PORT": "29613"}) for r in (0, 1)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    a = (single.root / "predictions.jsonl").read_text()
+    b = (sharded.root / "predictions.jsonl").read_text()
+    assert a == b
+    assert sharded.read_result()["world_size"] == 2
+    assert sharded.read_result()["metrics"] == single.read_result()["metrics"]
+
+
+def test_helpsteer_reward_model_from_local_path(tmp_path, toy):
+    """The reward-model scorer loads any local path (here a tiny sequence classifier)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from budgetlab.tasks import get_task
+
+    tok, _ = toy
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, num_labels=1,
+                      pad_token_id=tok.pad_token_id)
+    rm = tmp_path / "rm"
+    LlamaForSequenceClassification(cfg).save_pretrained(rm)
+    tok.save_pretrained(rm)
+    fix = ROOT / "tests" / "fixtures"
+    task = get_task("helpsteer", {"eval": str(fix / "helpsteer_val.jsonl"), "reward_model": str(rm)})
+    ev = task.eval_set()
+    preds = ["Red.", "A spider has eight legs, like all arachnids."]
+    batched = task.score_batch(preds, ev)
+    alone = [task.score(p, e) for p, e in zip(preds, ev)]
+    assert [s["reward"] for s in batched] == pytest.approx([s["reward"] for s in alone], abs=1e-5)
+    assert batched[0]["reward"] != batched[1]["reward"]
+    assert task.aggregate(batched)["reward"] == pytest.approx(sum(s["reward"] for s in batched) / 2)

@@ -199,6 +199,12 @@ def sync(led: Ledger, workdir: str | Path) -> SyncReport:
     for a in atts:
         jobs.setdefault((a["executor"], a["job_id"] or f"?{a['attempt_id']}"), []).append(a)
     with led.write():
+        # Another command (cancel, resubmit) may have closed or replaced an attempt since we
+        # read it: writing our older view over it would revive a dead attempt. Those jobs
+        # wait for the next sync.
+        current = {a["attempt_id"]: a["outcome"] for a in open_attempts(led)}
+        jobs = {k: g for k, g in jobs.items()
+                if all(current.get(a["attempt_id"]) == a["outcome"] for a in g)}
         for (executor, jid), group in jobs.items():
             _sync_job(led, workdir, executor, jid, group, runs.get((executor, jid)),
                       accounting.get(executor, True), now, report, to_cancel, orphans)

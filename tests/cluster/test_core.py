@@ -192,3 +192,19 @@ def test_resubmit_rejects_unknown_state(tmp_path, grid_file, tiny_model):
     plan, led = _ledger(tmp_path, grid_file, tiny_model)
     with pytest.raises(BadInput, match="--state: RUNNING"):
         resubmit(led, tmp_path / "runs", grid="g", states=("RUNNING",))
+
+
+def test_interrupted_submission_is_missing_and_its_job_cancelled(tmp_path, grid_file, tiny_model):
+    plan, led = _ledger(tmp_path, grid_file, tiny_model)
+    wd = tmp_path / "runs"
+    sft, _ = _train_and_eval(plan)
+    with led.write():   # a submit that died between writing the job file and the job id
+        aid = led.begin_attempt(sft.stage_id, "local", {}, job_name="bl-g-sft-abc123")
+        led.update_attempt(aid, submitted_at=time.time() - 3600)
+    jobs = wd / "local" / "jobs"
+    jobs.mkdir(parents=True)
+    (jobs / "L3.job.json").write_text(json.dumps({"job_id": "L3", "name": "bl-g-sft-abc123"}))
+    sync(led, wd)
+    att = led.latest_attempt(sft.stage_id)
+    assert att["outcome"] == "MISSING" and "job L3 was found by name and cancelled" in att["error"]
+    assert (jobs / "L3.cancel").exists()

@@ -46,7 +46,8 @@ def _progress_step(wd, sid) -> int:
 
 def test_grid_end_to_end_with_two_ranks(tmp_path, grid_file, tiny_model, slurm_cluster):
     plan, led, wd = _setup(tmp_path, grid_file, tiny_model, name="e2e", budgets=(16, 32),
-                           fractions=(1.0, 0.5, 0.0), tasks_per_node=2)
+                           fractions=(1.0, 0.5, 0.0), tasks_per_node=2,
+                           extra="[slurm]\nsnapshot_code = true\n")
     assert len(plan.stages) >= 12
     res = submit(led, plan, wd, executor="slurm")
     # sft array, dpo-on-base array, dpo-after-sft array (aftercorr): not one job per stage.
@@ -69,6 +70,11 @@ def test_grid_end_to_end_with_two_ranks(tmp_path, grid_file, tiny_model, slurm_c
             led.update_attempt(a["attempt_id"], outcome="RUNNING")
     rep = sync(led, wd)
     assert rep.attempts == len(plan.stages) and rep.sacct_calls == 1
+    # The jobs ran a snapshot of the package, not the live tree.
+    snap = next((wd / "code").iterdir())
+    assert (snap / "budgetlab" / "executors" / "job.py").exists()
+    scripts = list((wd / "submitit").glob("*_submission.sh"))
+    assert scripts and all(f"export PYTHONPATH={snap}" in p.read_text() for p in scripts)
     heads = [a for a in led.attempts() if a["cpu_seconds"]]
     assert heads and not any(a["gpu_seconds"] for a in heads)   # CPU jobs: CPU-seconds only
 

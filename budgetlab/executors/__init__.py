@@ -64,18 +64,21 @@ def submit_stages(led: Ledger, stage_ids: list[str], workdir: str | Path,
     after their parents; a stage whose parent failed is left BLOCKED."""
     workdir = Path(workdir).resolve()
     backend = get_backend(executor, workdir, settings)
-    units, blocked, skipped = plan_units(led, stage_ids, resources)
-    result = SubmitResult(executor, units, blocked, skipped)
     if dry_run:
-        return result
-    record_blocked(led, blocked)
-    if not units:
-        return result
-    token = uuid.uuid4().hex[:6]
-    for u in units:
-        u.job_name = safe_name(f"bl-{grid or 'stages'}-{u.kind}-{token}")
-    write_specs(units, workdir, stage_kinds(led, units))
-    begin_attempts(led, units, executor)
+        return SubmitResult(executor, *plan_units(led, stage_ids, resources))
+    # Choose the stages and claim them (SUBMITTING) in ONE transaction: two submits of
+    # overlapping grids must not both see a stage as not queued and both submit it.
+    with led.write():
+        units, blocked, skipped = plan_units(led, stage_ids, resources)
+        result = SubmitResult(executor, units, blocked, skipped)
+        record_blocked(led, blocked)
+        if not units:
+            return result
+        token = uuid.uuid4().hex[:6]
+        for u in units:
+            u.job_name = safe_name(f"bl-{grid or 'stages'}-{u.kind}-{token}")
+        write_specs(units, workdir, stage_kinds(led, units))
+        begin_attempts(led, units, executor)
     try:
         backend.submit(units)
     finally:   # jobs that got an id are recorded even if a later sbatch failed
@@ -163,6 +166,8 @@ def cancel(led: Ledger, workdir: str | Path, grid: str | None = None,
         get_backend(name, Path(workdir)).cancel(sorted(set(jobs)))
     now = time.time()
     with led.write():
+        still_open = {a["attempt_id"] for a in open_attempts(led)}   # re-read under the lock
+        atts = [a for a in atts if a["attempt_id"] in still_open]
         for a in atts:
             led.update_attempt(a["attempt_id"], outcome="CANCELLED", ended_at=now,
                                error="cancelled by budgetlab cancel")

@@ -135,7 +135,7 @@ def _interrupted_outcome(run, resources: dict) -> str:
     """A run that was requeued: PREEMPTED, or TIMEOUT when it ended near its time limit."""
     if run.raw_state == "PREEMPTED":
         return "PREEMPTED"
-    limit = float(resources.get("time_min") or 0) * 60
+    limit = float((resources.get("job") or resources).get("time_min") or 0) * 60
     if run.start and run.end and limit and run.end - run.start >= limit - min(120, max(15, limit * 0.25)) - 30:
         return "TIMEOUT"
     return "PREEMPTED"

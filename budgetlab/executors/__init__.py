@@ -125,7 +125,7 @@ def resubmit(led: Ledger, workdir: str | Path, grid: str | None = None,
         if att is None:
             continue
         before = json.loads(att["resources"] or "{}") or dict(row["resources"])
-        before.pop("job_name", None)
+        before.pop("job", None)
         base = {**row["resources"], **{k: v for k, v in before.items() if k in row["resources"]
                                       or k == "exclude"}}
         after = escalate(base, row["state"], att.get("nodes"))

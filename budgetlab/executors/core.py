@@ -200,10 +200,12 @@ def begin_attempts(led: Ledger, units: list[Unit], executor: str) -> None:
     """Attempt rows (SUBMITTING) before anything is submitted: no job goes untracked."""
     with led.write():
         for u in units:
-            u.attempt_ids = [led.begin_attempt(s["stage_id"], executor,
-                                               {**u.job_resources(), "job_name": u.job_name},
-                                               job_name=u.job_name)
-                             for s in u.stages]
+            job = {k: u.job_resources()[k] for k in ("time_min", "mem_gb")}
+            u.attempt_ids = [led.begin_attempt(
+                s["stage_id"], executor,
+                # The stage's own resources (what resubmit escalates) and the job's limits.
+                {**(u.resources if s is u.head else s["resources"]), "job": job},
+                job_name=u.job_name) for s in u.stages]
 
 
 def finish_attempts(led: Ledger, units: list[Unit]) -> None:

@@ -208,3 +208,28 @@ def test_interrupted_submission_is_missing_and_its_job_cancelled(tmp_path, grid_
     att = led.latest_attempt(sft.stage_id)
     assert att["outcome"] == "MISSING" and "job L3 was found by name and cancelled" in att["error"]
     assert (jobs / "L3.cancel").exists()
+
+
+@pytest.mark.parametrize("outcome,key,factor", [("TIMEOUT", "time_min", 2),
+                                                ("OUT_OF_MEMORY", "mem_gb", 2),
+                                                ("CUDA_OOM", "micro_batch_size", 0.5)])
+def test_resubmit_escalates_from_the_last_attempt(tmp_path, grid_file, tiny_model, outcome, key,
+                                                  factor):
+    from budgetlab.executors import resubmit
+    plan, led = _ledger(tmp_path, grid_file, tiny_model)
+    sft, ev = _train_and_eval(plan)
+    base = led.stage(sft.stage_id)["resources"]
+    for _ in range(2):   # escalation compounds over tries, from the stage's own resources
+        res, _ = resubmit(led, tmp_path / "runs", grid="g", stage_ids=[sft.stage_id],
+                          dry_run=True)
+        prev = res.units[0].resources if _ else base
+        with led.write():
+            aid = led.begin_attempt(sft.stage_id, "slurm", {**prev, "job": {"time_min": 99}})
+            led.update_attempt(aid, outcome=outcome)
+            led.set_stage_state(sft.stage_id, outcome)
+    res, notes = resubmit(led, tmp_path / "runs", grid="g", dry_run=True)
+    head = next(u for u in res.units if u.head["stage_id"] == sft.stage_id)
+    assert head.resources[key] == base[key] * factor ** 2
+    assert [s["stage_id"] for s in head.stages] == [sft.stage_id, ev.stage_id]  # eval follows
+    assert notes[0]["changes"][key] == [base[key] * factor, base[key] * factor ** 2]
+    assert not led.attempts(stage_id=ev.stage_id)     # a dry run writes nothing

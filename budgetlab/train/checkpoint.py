@@ -13,6 +13,7 @@ preemption signal, or $SUBMITIT_PREEMPT_SIGNAL) and SIGTERM ask for a checkpoint
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -24,6 +25,7 @@ from budgetlab import dist
 from budgetlab.stagedir import atomic_write_json
 
 PREFIX = "step-"
+log = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(Exception):
@@ -102,32 +104,55 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, env, zero_stage:
 
 
 def load_latest(engine, ckpt_dir: Path, env, zero_stage: int) -> tuple[int, dict] | None:
-    """Restore the newest complete checkpoint; (step, client_state), or None if there is none."""
-    found = complete(Path(ckpt_dir))
-    if not found:
-        return None
-    step, path = found[-1]
-    meta = json.loads((path / "meta.json").read_text())
-    if meta["zero_stage"] != zero_stage:
-        raise CheckpointMismatch(f"{path} was written with ZeRO stage {meta['zero_stage']}, "
-                                 f"this run uses stage {zero_stage}")
-    if meta["world_size"] != env.world_size and zero_stage > 0:
-        # ZeRO 1-3 shard the optimizer state by rank; DeepSpeed cannot re-shard it in place.
-        raise CheckpointMismatch(
-            f"{path} was written by {meta['world_size']} ranks with ZeRO stage {zero_stage}; "
-            f"resuming on {env.world_size} ranks needs the same number of ranks "
-            f"(or ZeRO stage 0, whose optimizer state is not sharded)")
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                             load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
-    if client_state is None:
-        raise CheckpointMismatch(f"{path}: DeepSpeed could not load this checkpoint")
-    rng = path / f"rng-rank{env.rank}.pt"
-    if rng.exists():
-        import torch
+    """Restore the newest usable checkpoint; (step, client_state), or None if there is none.
 
-        _set_rng_state(torch.load(rng, weights_only=False))
-    return step, client_state
+    A checkpoint left broken by a crash (meta.json unreadable, shards DeepSpeed cannot load)
+    is reported and skipped for the one before it; a save that never reached its rename
+    (.tmp-step-N) is reported and ignored."""
+    ckpt_dir = Path(ckpt_dir)
+    if env.rank == 0 and ckpt_dir.is_dir():
+        for p in sorted(ckpt_dir.glob(f".tmp-{PREFIX}*")):
+            log.warning("%s: ignored: an unfinished checkpoint (a save was interrupted)", p)
+    for step, path in reversed(complete(ckpt_dir)):
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            world, zero = int(meta["world_size"]), int(meta["zero_stage"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("%s: skipped: meta.json is unreadable (%s); trying the previous "
+                        "checkpoint", path, f"{type(e).__name__}: {e}")
+            continue
+        if zero != zero_stage:
+            raise CheckpointMismatch(f"{path} was written with ZeRO stage {zero}, "
+                                     f"this run uses stage {zero_stage}")
+        if world != env.world_size and zero_stage > 0:
+            # ZeRO 1-3 shard the optimizer state by rank; DeepSpeed cannot re-shard it in place.
+            raise CheckpointMismatch(
+                f"{path} was written by {world} ranks with ZeRO stage {zero_stage}; "
+                f"resuming on {env.world_size} ranks needs the same number of ranks "
+                f"(or ZeRO stage 0, whose optimizer state is not sharded)")
+        try:
+            _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                     load_optimizer_states=True,
+                                                     load_lr_scheduler_states=True)
+        except Exception as e:  # truncated shard: torch/DeepSpeed raise many types
+            client_state = None
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        else:
+            why = "DeepSpeed found nothing to load"
+        if client_state is None:
+            log.warning("%s: skipped: cannot be loaded (%s); trying the previous checkpoint",
+                        path, why)
+            continue
+        rng = path / f"rng-rank{env.rank}.pt"
+        if rng.exists():
+            import torch
+
+            try:
+                _set_rng_state(torch.load(rng, weights_only=False))
+            except Exception as e:  # the weights are fine: resume, with fresh RNG streams
+                log.warning("%s: RNG state unreadable (%s); resuming without it", rng, e)
+        return step, client_state
+    return None
 
 
 def newest_tag(ckpt_dir: Path) -> str | None:

@@ -248,8 +248,9 @@ def _sync_job(led, workdir, executor, jid, group, job_runs, accounting, now, rep
             led.update_attempt(row["attempt_id"], **fields)
         a = rows[-1]
         if run is not None:
-            update.update(raw_state=run.raw_state + (f" ({run.reason})" if run.reason and
-                                                     run.reason not in ("None", "") else ""),
+            pending = RAW_OUTCOME.get(run.raw_state) == "PENDING"   # reasons of others are stale
+            update.update(raw_state=run.raw_state + (f" ({run.reason})" if pending and run.reason
+                                                     and run.reason != "None" else ""),
                           started_at=run.start, ended_at=run.end, nodes=run.nodes or None,
                           exit_code=run.exit_code or None)
             if is_head:

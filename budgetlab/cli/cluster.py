@@ -86,7 +86,10 @@ def _status_table(st: dict):
     s.add_row("GPU-hours", f"{st['gpu_hours']:.3f}  (CPU-hours {st['cpu_hours']:.3f})")
     s.add_row(f"annotation spend ({st['annotation_unit']})",
               f"{st['annotation_spend_done']:,.2f} done of {st['annotation_spend']:,.2f}")
-    bar = ProgressBar(total=max(1, st["stages_total"]), completed=st["stages_completed"], width=60)
+    bar = Table.grid(padding=(0, 1))
+    bar.add_row(ProgressBar(total=max(1, st["stages_total"]), completed=st["stages_completed"],
+                            width=50),
+                f"{100 * st['stages_completed'] / max(1, st['stages_total']):.0f}% of stages")
     return Group(t, s, bar)
 
 

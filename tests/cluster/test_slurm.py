@@ -166,3 +166,27 @@ def test_scancel_is_cancelled_and_child_blocked(tmp_path, grid_file, tiny_model,
     out = subprocess.run(["squeue", "-h", "-j", ",".join(
         sorted({a["job_id"] for a in cancelled}))], capture_output=True, text=True).stdout
     assert "R " not in out and " PD " not in out
+
+
+def test_without_accounting_squeue_and_stage_dirs(tmp_path, grid_file, tiny_model, slurm_cluster,
+                                                  monkeypatch, capsys):
+    # The same cluster seen through a slurm.conf whose accounting is off: sacct refuses.
+    conf = tmp_path / "etc" / "slurm.conf"
+    conf.parent.mkdir()
+    src = Path(slurm_cluster)
+    conf.write_text("".join(
+        "AccountingStorageType=accounting_storage/none\n" if line.startswith("AccountingStorageType")
+        else line for line in src.read_text().splitlines(keepends=True)))
+    shutil.copy(src.parent / "gres.conf", conf.parent / "gres.conf")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    import budgetlab.sync as sync_mod
+    monkeypatch.setattr(sync_mod, "_said_no_accounting", False)
+    plan, led, wd = _setup(tmp_path, grid_file, tiny_model, name="noacct", budgets=(16,),
+                           fractions=(1.0,))
+    submit(led, plan, wd, executor="slurm")
+    rep = sync(led, wd)
+    assert rep.sacct_calls == 1 and rep.squeue_calls == 1
+    assert any("accounting is disabled" in n for n in rep.notes)
+    st = wait(led, wd, "noacct", poll_s=2, timeout_s=300)
+    assert st["stages_completed"] == len(plan.stages), led.stages(grid="noacct")
+    assert capsys.readouterr().err.count("accounting is disabled") == 1   # said once

@@ -84,7 +84,7 @@ def test_failure_resubmit_releases_blocked_children(tmp_path, grid_file, tiny_mo
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     plan, led, wd = _setup(tmp_path, grid_file, str(model), name="fail", budgets=(16,),
-                           fractions=(0.5,))
+                           fractions=(0.5,), extra="gpus_per_node = 1\n")   # a fake GPU each
     sft = next(s for s in plan.stages.values() if s.kind == "sft")
     dpo = next(s for s in plan.stages.values() if s.kind == "dpo")
     (model / "config.json").rename(tmp_path / "config.json")       # the cause
@@ -107,6 +107,8 @@ def test_failure_resubmit_releases_blocked_children(tmp_path, grid_file, tiny_mo
         [(s["kind"], s["state"], s["error"]) for s in led.stages(grid="fail")]
     outcomes = [a["outcome"] for a in _attempts(led, sft.stage_id)]
     assert outcomes == ["FAILED", "COMPLETED"]
+    done = _attempts(led, sft.stage_id)[-1]      # GPU jobs: elapsed x allocated GPUs
+    assert done["gpus"] == 1 and done["gpu_seconds"] > 0 and not done["cpu_seconds"]
     assert led.stage(dpo.stage_id)["state"] == "COMPLETED"
 
 

@@ -10,7 +10,8 @@ temporary directory put on sys.path for this run; budgetlab never imports it.
 Time counted: ours = the reference pass + the step loop; TRL = trainer.train() (TRL runs its
 reference model online, its default). Dataset tokenisation is excluded on both sides. Clock:
 CPU time of the process with torch on one thread (see sft_packing.py for why); wall-clock
-figures are printed too.
+figures are printed too. Each training run is its own process (python bench/vs_trl.py --side
+ours|trl ...): TRL/accelerate then see no process group or RANK variables left by our run.
 """
 
 import argparse
@@ -25,6 +26,8 @@ from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+# accelerate raises the thread count to 2 when OMP_NUM_THREADS is unset; pin it for both sides
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 TRL = "trl==1.16.0"
 
 import torch  # noqa: E402
@@ -91,7 +94,8 @@ def trl_trainer(trl, model_path: str, rows, out: Path, ref_path: str | None = No
         lr_scheduler_type="cosine", beta=BETA,
         warmup_steps=math.ceil(0.1 * EPOCHS * math.ceil(len(rows) / BATCH)),  # = ours max_length=MAX_LEN,
         use_cpu=True, report_to=[], logging_steps=1, save_strategy="no", bf16=False, seed=0,
-        dataloader_num_workers=0, disable_tqdm=True, weight_decay=0.0, max_grad_norm=1.0)
+        dataloader_num_workers=0, disable_tqdm=True, weight_decay=0.0, max_grad_norm=1.0,
+        gradient_checkpointing=False)  # TRL defaults to True; ours runs without, so must TRL
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(ref_path or model_path, dtype=torch.float32)
     return trl.DPOTrainer(model=model, ref_model=ref, args=args, processing_class=tok,
@@ -135,29 +139,65 @@ def same_batch_losses(trl, policy: str, reference: str, rows, out: Path) -> tupl
     return theirs, float(per_pair.mean())
 
 
+def side(args) -> None:
+    """One training run in this process; prints its figures as one JSON line."""
+    import json
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    rows = pairs(args.pairs)
+    if args.side == "ours":
+        out = ours(args.model, rows, Path(args.workdir), args.tag)
+    else:
+        import trl
+
+        out = trl_train(trl, args.model, rows, Path(args.workdir) / args.tag)
+    print("SIDE " + json.dumps(out))
+
+
+def run_side(name: str, args, model: str, workdir: Path, tag: str, pythonpath: str) -> dict:
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
+               PYTHONPATH=os.pathsep.join(p for p in (pythonpath, os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, __file__, "--side", name, "--pairs", str(args.pairs),
+                           "--model", model, "--workdir", str(workdir), "--tag", tag],
+                          env=env, capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("SIDE ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{name} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][5:])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--side", choices=("ours", "trl"))
+    ap.add_argument("--model")
+    ap.add_argument("--workdir")
+    ap.add_argument("--tag")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     logging.disable(logging.WARNING)
+    if args.side:
+        return side(args)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         trl = import_trl(tmp)
+        trl_path = str(Path(trl.__file__).resolve().parent.parent)
         model = make_llama(tmp / "model", hidden=256, layers=4, heads=4, max_positions=512)
         rows = pairs(args.pairs)
         best_ours = best_trl = wall_ours = wall_trl = 0.0
         for r in range(args.repeats):
-            a = ours(model, rows, tmp, f"ours-{r}")
-            b = trl_train(trl, model, rows, tmp / f"trl-{r}")
+            a = run_side("ours", args, model, tmp, f"ours-{r}", trl_path)
+            b = run_side("trl", args, model, tmp, f"trl-{r}", trl_path)
             assert a["steps"] == b["steps"] == EPOCHS * math.ceil(len(rows) / BATCH), (a, b)
             # same examples and epochs on both sides: the same real tokens
             ta, tb = a["tokens"] / a["seconds"], a["tokens"] / b["seconds"]
             print(f"run {r}: {a['steps']} steps, {a['tokens']} tokens; ours {a['seconds']:.2f} CPU s "
                   f"({ta:.0f} tok/s), TRL {b['seconds']:.2f} CPU s ({tb:.0f} tok/s); wall: ours "
-                  f"{a['wall']:.2f} s, TRL {b['wall']:.2f} s")
+                  f"{a['wall']:.2f} s, TRL {b['wall']:.2f} s", flush=True)
             best_ours, best_trl = max(best_ours, ta), max(best_trl, tb)
             wall_ours = max(wall_ours, a["tokens"] / a["wall"])
             wall_trl = max(wall_trl, a["tokens"] / b["wall"])
@@ -167,7 +207,8 @@ def main():
           f"({'ok' if diff <= 1e-5 else 'MISMATCH'}, must be <= 1e-5)")
     ratio = best_ours / best_trl
     print(f"wall clock tokens/s: ours {wall_ours:.0f}, TRL {wall_trl:.0f}, ratio {wall_ours / wall_trl:.2f}")
-    print(f"tokens/s: ours {best_ours:.0f}, TRL {TRL} {best_trl:.0f}, ratio {ratio:.2f} (target >= 1.3)")
+    print(f"CPU time tokens/s: ours {best_ours:.0f}, TRL {TRL} {best_trl:.0f}, ratio {ratio:.2f} "
+          f"(target >= 1.3)")
     print(f"RESULT dpo_vs_trl_tokens_per_s_ratio {ratio:.2f}")
 
 

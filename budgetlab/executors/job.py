@@ -97,13 +97,14 @@ class StageJob(submitit.helpers.Checkpointable):
                       checkpoint_step=newest_step(head))
         if _rank() != 0:
             sys.exit(0)
-        note = ""
-        if os.environ.get("SLURM_JOB_ID"):
-            note = requeue_slurm_job(record["job_id"])
-        record["requeue"] = note
+        on_slurm = bool(os.environ.get("SLURM_JOB_ID"))
+        record["requeue"] = requeue_slurm_job(record["job_id"]) if on_slurm else "not on SLURM"
         atomic_write_json(head.log_dir / f"run-{record['job_id']}-{record['restart']}.json", record)
-        print(f"budgetlab: interrupted ({record['stop_reason']}); requeued: {note}", flush=True)
-        sys.exit(0)
+        print(f"budgetlab: interrupted ({record['stop_reason']}); requeue: {record['requeue']}",
+              flush=True)
+        # Locally nobody requeues: a non-zero exit, so that the try does not pass for done;
+        # `resubmit` resumes from the checkpoint.
+        sys.exit(0 if on_slurm else 3)
 
     def checkpoint(self, *args, **kwargs):
         # submitit's handler (before ours is installed): requeue the same stage directories;

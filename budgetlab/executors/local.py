@@ -209,19 +209,27 @@ class Runner:
                 start_new_session=True))
         self.procs[jid] = procs
         self.logs[jid] = log
-        self.set_state(jid, state="RUNNING", reason="None", started_at=time.time(),
+        started = time.time()
+        self.set_state(jid, state="RUNNING", reason="None", started_at=started,
+                       deadline=started + float(res.get("time_min") or 1e9) * 60,
                        pids=[p.pid for p in procs], nodes=socket.gethostname(), cpus=world)
 
     def reap(self) -> None:
+        now = time.time()
         for jid, procs in list(self.procs.items()):
             codes = [p.poll() for p in procs]
             if any(c is None for c in codes):
                 if any(c not in (None, 0) for c in codes):   # one rank failed: stop the rest
                     self.kill(jid)
+                st = self.state(jid) or {}
+                if now > st.get("deadline", float("inf")) and st.get("state") == "RUNNING":
+                    # The time limit, as SLURM would: SIGTERM lets the trainer checkpoint.
+                    self.set_state(jid, state="TIMEOUT", ended_at=now, reason="TimeLimit")
+                    self.kill(jid)
                 continue
             code = next((c for c in codes if c != 0), 0)
             st = self.state(jid) or {}
-            if st.get("state") != "CANCELLED":
+            if st.get("state") not in ("CANCELLED", "TIMEOUT"):
                 self.set_state(jid, state="COMPLETED" if code == 0 else "FAILED",
                                exit_code=f"{code}:0" if code >= 0 else f"0:{-code}",
                                ended_at=time.time())

@@ -61,3 +61,30 @@ def test_cli_bad_input(tmp_path, grid_file, tiny_model):
     assert r.exit_code == 2 and "--state: RUNNING" in r.output
     r = _run(tmp_path, "logs", "0123456789abcdef")
     assert r.exit_code == 2 and "neither a stage id nor a point id" in r.output
+
+
+@pytest.mark.slow
+def test_local_time_limit_then_resubmit_resumes(tmp_path, grid_file, tiny_model):
+    from budgetlab.executors import resubmit, submit, wait
+    from budgetlab.graph import build_plan
+    from budgetlab.spec import load_spec
+
+    extra = "[resources.sft]\ntime_min = 0.2\n[resources.eval]\ntime_min = 0.2\n"
+    grid = grid_file(tmp_path / "g.toml", tiny_model, name="tl", budgets=(16,), fractions=(1.0,),
+                     epochs=40, checkpoint_every=1000, extra=extra)
+    plan = build_plan(load_spec(grid))
+    led = Ledger(tmp_path / "ledger.db")
+    wd = tmp_path / "runs"
+    sft = next(s for s in plan.stages.values() if s.kind == "sft")
+    submit(led, plan, wd, executor="local")
+    for _ in range(5):    # each try checkpoints at its limit; the next resumes with twice the time
+        wait(led, wd, "tl", poll_s=1, timeout_s=300)
+        if led.stage(sft.stage_id)["state"] == "COMPLETED":
+            break
+        assert led.stage(sft.stage_id)["state"] == "TIMEOUT"
+        resubmit(led, wd, grid="tl")
+    atts = led.attempts(stage_id=sft.stage_id)
+    assert atts[0]["outcome"] == "TIMEOUT" and atts[-1]["outcome"] == "COMPLETED", atts
+    times = [json.loads(a["resources"])["time_min"] for a in atts]
+    assert times == [0.2 * 2 ** i for i in range(len(atts))]
+    assert atts[-1]["resumed_from_step"] and atts[-1]["resumed_from_step"] > 0

@@ -192,3 +192,29 @@ def test_without_accounting_squeue_and_stage_dirs(tmp_path, grid_file, tiny_mode
     st = wait(led, wd, "noacct", poll_s=2, timeout_s=300)
     assert st["stages_completed"] == len(plan.stages), led.stages(grid="noacct")
     assert capsys.readouterr().err.count("accounting is disabled") == 1   # said once
+
+
+def test_reused_job_id_is_not_taken_for_an_old_job(tmp_path, grid_file, tiny_model, slurm_cluster,
+                                                   monkeypatch):
+    import budgetlab.sync as sync_mod
+    # A real job that finished; then an attempt that claims its id but was submitted later
+    # (as after a job-id wrap-around). Thresholds shortened so the test runs in seconds.
+    out = subprocess.run(["sbatch", "--parsable", "--array=0", "-o", "/dev/null", "--wrap", "true"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    jid = f"{out}_0"
+    _wait_for(lambda: subprocess.run(["sacct", "-n", "-X", "-j", out, "-o", "State"],
+                                     capture_output=True, text=True).stdout.strip()
+              .startswith("COMPLETED"), 60, "the job to finish")
+    monkeypatch.setattr(sync_mod, "REUSED_SLACK_S", 1)
+    monkeypatch.setattr(sync_mod, "MISSING_GRACE_S", 1)
+    plan, led, wd = _setup(tmp_path, grid_file, tiny_model, name="reuse")
+    led.register(plan)
+    sft = next(s for s in plan.stages.values() if s.kind == "sft")
+    time.sleep(3)
+    with led.write():
+        aid = led.begin_attempt(sft.stage_id, "slurm", {"time_min": 5})
+        led.update_attempt(aid, job_id=jid, outcome="PENDING", submitted_at=time.time() - 1.5)
+    time.sleep(0.5)
+    sync(led, wd)
+    att = led.latest_attempt(sft.stage_id)
+    assert att["outcome"] == "MISSING" and att["raw_state"] is None, att   # not the old COMPLETED

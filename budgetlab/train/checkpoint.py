@@ -12,6 +12,8 @@ preemption signal, or $SUBMITIT_PREEMPT_SIGNAL) and SIGTERM ask for a checkpoint
 
 from __future__ import annotations
 
+import errno
+import gc
 import json
 import logging
 import os
@@ -19,6 +21,7 @@ import random
 import shutil
 import signal
 import threading
+import traceback
 from pathlib import Path
 
 from budgetlab import dist
@@ -29,7 +32,15 @@ log = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(Exception):
-    """Training stopped on request after saving a checkpoint; rerunning the stage resumes."""
+    """Training stopped on request after saving a checkpoint; rerunning the stage resumes.
+
+    `reason` names the signal (SIGUSR2, SIGTERM, ...), so that a caller can tell a
+    pre-timeout/preemption signal (requeue) from a plain termination."""
+
+    def __init__(self, message: str, reason: str = "", step: int | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.step = step
 
 
 class CheckpointMismatch(Exception):
@@ -86,9 +97,23 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, env, zero_stage:
     if env.rank == 0 and (ckpt_dir / tmp_tag).exists():
         shutil.rmtree(ckpt_dir / tmp_tag)  # left by a crash during an earlier save
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state,
-                           save_latest=False)
-    torch.save(_rng_state(), ckpt_dir / tmp_tag / f"rng-rank{env.rank}.pt")
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state,
+                               save_latest=False)
+        torch.save(_rng_state(), ckpt_dir / tmp_tag / f"rng-rank{env.rank}.pt")
+    except Exception as e:
+        # Free what the half-written save holds (on a full disk, the error record and the
+        # next try need that space): its files, and the writers still open in the frames of
+        # the traceback. The previous checkpoint is untouched.
+        msg = _save_failure(ckpt_dir, step, e)
+        x, seen = e, 0
+        while x is not None and seen < 10:
+            traceback.clear_frames(x.__traceback__)
+            x, seen = x.__cause__ or x.__context__, seen + 1
+        del e, x
+        gc.collect()
+        shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)
+        raise CheckpointSaveError(msg) from None
     dist.barrier()
     final = ckpt_dir / tag(step)
     if env.rank == 0:
@@ -101,6 +126,30 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, env, zero_stage:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+class CheckpointSaveError(OSError):
+    """Saving a checkpoint failed (disk full, quota, I/O error); the previous one is intact."""
+
+
+def _save_failure(ckpt_dir: Path, step: int, exc: Exception) -> str:
+    chain, e = [], exc
+    while e is not None and len(chain) < 5:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    full = any(getattr(x, "errno", None) == errno.ENOSPC or "No space left" in str(x)
+               for x in chain)
+    if not full:   # torch's writer often hides the errno ("file write failed")
+        try:
+            full = shutil.disk_usage(ckpt_dir).free < 1 << 20
+        except OSError:
+            pass
+    why = "No space left on device (the disk is full)" if full else \
+        f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    prev = complete(ckpt_dir)
+    keep = f"the previous checkpoint {prev[-1][1].name} is intact" if prev else \
+        "there is no earlier checkpoint"
+    return f"saving checkpoint {tag(step)} in {ckpt_dir} failed: {why}; {keep}"
 
 
 def load_latest(engine, ckpt_dir: Path, env, zero_stage: int) -> tuple[int, dict] | None:

@@ -390,7 +390,8 @@ def run(stage, cfg: TrainConfig, rows: list[dict], env, init_model: str, *,
                 if want_stop:
                     raise checkpoint.TrainingInterrupted(
                         f"stopped on {flag.reason or 'request'} after step {step + 1}; "
-                        f"checkpoint {checkpoint.tag(step + 1)} saved, rerun the stage to resume")
+                        f"checkpoint {checkpoint.tag(step + 1)} saved, rerun the stage to resume",
+                        reason=flag.reason, step=step + 1)
             if on_step is not None:
                 on_step(step + 1, loss, engine)
     finally:

@@ -119,6 +119,19 @@ def test_resume_after_signal_ends_with_the_same_loss(tiny_llama, tmp_path, kind,
     assert curve(stage)[4:] == pytest.approx(curve(full)[4:], abs=1e-6)
 
 
+def test_sigusr1_saves_a_checkpoint_and_training_goes_on(tiny_llama, tmp_path):
+    seen = {}
+
+    def poke(step, loss, engine):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        if step == 3:  # saved after step 2, the boundary after the signal; not stopped
+            seen["ckpts"] = [s for s, _ in checkpoint.complete(tmp_path / "usr1" / "checkpoints")]
+
+    _, res = train(tmp_path, "usr1", "sft", sft_rows(), tiny_llama, on_step=poke)
+    assert seen["ckpts"] == [2] and res["steps"] == 6
+
+
 def test_kto_micro_batch_one_matches_micro_batch_four(tiny_llama, tmp_path):
     """The KL reference point is estimated over the whole optimizer step, not the micro-batch."""
     s1, r1 = train(tmp_path, "mb4", "kto", pair_rows(), tiny_llama, micro_batch_size=4, lr=3e-3)

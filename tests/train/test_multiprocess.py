@@ -60,7 +60,7 @@ def curve(stage):
     return [json.loads(x)["loss"] for x in (stage.log_dir / "train.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "kto"])
 def test_two_ranks_zero2_and_zero3_match_one_process(tiny_llama, tmp_path, kind):
     n = 24
     single = write_stage(tmp_path / f"{kind}-1", kind, tiny_llama, 2, n)
@@ -69,14 +69,20 @@ def test_two_ranks_zero2_and_zero3_match_one_process(tiny_llama, tmp_path, kind)
     run_worker([single], 1)
     run_worker([z2, z3], 2)  # one job, two stages in order, as a SLURM task would
     base = curve(single)
-    assert len(base) == 3
+    assert len(base) == (6 if kind == "kto" else 3)  # KTO: two examples per pair
     for stage, zero in ((z2, 2), (z3, 3)):
         res = stage.read_result()
         assert res["world_size"] == 2 and res["zero_stage"] == zero and res["grad_accum"] == 2
+        if kind == "kto":  # the KL reference point is all-reduced: every rank sees the same
+            kl = [json.loads(x)["kl"] for x in (stage.log_dir / "train.jsonl").read_text().splitlines()]
+            kl1 = [json.loads(x)["kl"] for x in (single.log_dir / "train.jsonl").read_text().splitlines()]
+            assert kl == pytest.approx(kl1, rel=1e-5, abs=TOL)
         assert curve(stage) == pytest.approx(base, abs=TOL), f"ZeRO-{zero}"
         assert res["tokens"] == single.read_result()["tokens"]
         assert (stage.model_dir / "model.safetensors").exists()
         assert not stage.checkpoints_dir.exists()
+    if kind != "sft":
+        assert (single.root / "reference_logps.pt").exists()
     if kind == "dpo":
         assert curve(single)[0] == pytest.approx(0.6931472, abs=1e-6)
         assert (z3.root / "reference_logps.pt").exists()

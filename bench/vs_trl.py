@@ -43,14 +43,13 @@ BATCH, MICRO, EPOCHS, MAX_LEN, LR, BETA = 16, 4, 2, 256, 5e-4, 0.1
 
 def import_trl(tmp: Path):
     try:
-        import trl  # noqa: F401
+        import trl
     except ImportError:
         target = tmp / "trl-pkg"
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                         "--disable-pip-version-check", "--target", str(target), TRL], check=True)
         sys.path.insert(0, str(target))
-    import trl
-
+        import trl
     return trl
 
 

@@ -9,7 +9,9 @@ export (model/ in Hugging Face format), loop (the loop itself).
 
 from __future__ import annotations
 
-from budgetlab.train.checkpoint import TrainingInterrupted  # noqa: F401  (re-exported)
+from budgetlab.train.checkpoint import TrainingInterrupted
+
+__all__ = ["run_stage", "TrainingInterrupted"]
 
 
 def load_rows(spec: dict, kind: str) -> tuple[list[dict], object]:

@@ -18,12 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import resource
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -143,7 +141,7 @@ def micro_step(kind: str, cfg: TrainConfig, scorer: Scorer, examples, idx, ref: 
     batch = [examples[i] for i in idx]
     if kind == "sft":
         logits, b = scorer.logits(data.sft_sequences(batch))
-        total, n_tok = losses.sft_loss_sum(logits, b["labels"])
+        total, _ = losses.sft_loss_sum(logits, b["labels"])
         return total / norm["tokens"], {"tokens": int((b["segment_ids"] >= 0).sum())}
     t = torch.tensor(idx)
     if kind == "dpo":

@@ -25,14 +25,16 @@ def full_state_dict(engine, zero_stage: int):
 
 def export(engine, cfg, tokenizer, model_dir: Path, env, info: dict, fresh_model=None) -> None:
     """Write model_dir atomically (tmp dir + rename). fresh_model() builds an unsharded copy
-    of the trained architecture on rank 0 when ZeRO-3 left the module's parameters sharded."""
+    of the trained architecture on rank 0, needed to merge a LoRA adapter trained under ZeRO-3."""
     model_dir = Path(model_dir)
     state = full_state_dict(engine, cfg.zero_stage)
     if env.rank == 0:
         tmp = model_dir.with_name(f".{model_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model = engine.module
-        if cfg.zero_stage == 3:
+        if cfg.zero_stage == 3 and cfg.finetune == "lora":
+            # merging needs real tensors: an unsharded copy takes the gathered weights
+            # (full finetuning saves the gathered state dict directly, no second copy)
             model = fresh_model()
             missing, unexpected = model.load_state_dict(state, strict=False)
             if unexpected or [k for k in missing if "lora_" in k]:

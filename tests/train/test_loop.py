@@ -64,6 +64,16 @@ def test_sft_exports_a_loadable_model_and_counts_truncation(tiny_llama, tmp_path
     assert models.load_tokenizer(stage.model_dir).eos_token == "</s>"
 
 
+def test_zero3_export_gathers_the_same_weights_as_zero2(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    s2, _ = train(tmp_path, "z2", "sft", sft_rows(16), tiny_llama, zero_stage=2, epochs=1)
+    s3, _ = train(tmp_path, "z3", "sft", sft_rows(16), tiny_llama, zero_stage=3, epochs=1)
+    w2, w3 = (load_file(s.model_dir / "model.safetensors") for s in (s2, s3))
+    assert w2.keys() == w3.keys() and all(w3[k].numel() > 0 for k in w3)
+    assert all(torch.allclose(w2[k], w3[k], atol=1e-6) for k in w2)
+
+
 @pytest.mark.parametrize("zero", [2, 3])
 def test_lora_exports_merged_weights_equal_to_base_plus_adapter(tiny_llama, tmp_path, zero):
     from peft import PeftModel

@@ -40,10 +40,11 @@ def make_tokenizer():
 
 
 def corpus(n_docs: int = 6000, seed: int = SEED) -> list[str]:
-    """Pre-training documents: equations and stories, never the Q/A/#### task format.
+    """Pre-training documents: equations and stories, never the Q:/A:/#### answer format.
 
-    Half are runs of bare equations (dense arithmetic practice), half are short stories in
-    the task's language, most of them with the equation written out.
+    40% are runs of bare equations (dense arithmetic practice); the rest are short stories in
+    the task's language, most with the equation written out, some asking "How many ...?"
+    first, so that the model has read word problems and their sums, but never the format.
     """
     from budgetlab.tasks.arith import make_problem
 
@@ -52,14 +53,17 @@ def corpus(n_docs: int = 6000, seed: int = SEED) -> list[str]:
     for _ in range(n_docs):
         kind = rng.random()
         lines = []
-        for _ in range(rng.randint(10, 16) if kind < 0.5 else rng.randint(2, 4)):
+        for _ in range(rng.randint(10, 16) if kind < 0.4 else rng.randint(2, 4)):
             p = make_problem(rng)
             eq = f"{p['a']}{p['op']}{p['b']}={p['answer']}"
             after = f"{p['name']} has {p['answer']} {p['thing']}"
-            if kind < 0.5:
+            if kind < 0.4:
                 lines.append(eq + ".")
-            elif kind < 0.85:
+            elif kind < 0.7:
                 lines.append(f"{p['story']} {eq}, so now {after}.")
+            elif kind < 0.9:
+                ask = rng.choice(("How many?", f"How many {p['thing']} now?"))
+                lines.append(f"{p['story']} {ask} {eq}, so {after}.")
             else:
                 lines.append(f"{p['story']} Now {after}.")
         docs.append(" ".join(lines))

@@ -136,3 +136,29 @@ def test_helpsteer_reward_model_from_local_path(tmp_path, toy):
     assert [s["reward"] for s in batched] == pytest.approx([s["reward"] for s in alone], abs=1e-5)
     assert batched[0]["reward"] != batched[1]["reward"]
     assert task.aggregate(batched)["reward"] == pytest.approx(sum(s["reward"] for s in batched) / 2)
+
+
+def test_shipped_model_matches_build_script():
+    """The committed weights come from build.py: same tokenizer, same architecture."""
+    import json as _json
+
+    from budgetlab.builtin import build
+
+    shipped = Path(resolve("arith-tiny"))
+    tok = build.make_tokenizer()
+    assert _json.loads((shipped / "tokenizer.json").read_text())["model"]["vocab"] == tok.get_vocab()
+    cfg = _json.loads((shipped / "config.json").read_text())
+    want = build.make_model(tok).config
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "max_position_embeddings"):
+        assert cfg[key] == getattr(want, key), key
+
+
+def test_pretraining_corpus_never_shows_the_answer_format():
+    from budgetlab.builtin.build import corpus
+
+    docs = corpus(n_docs=300)
+    assert docs == corpus(n_docs=300)  # deterministic
+    text = "\n".join(docs)
+    assert "####" not in text and "Q:" not in text and "A:" not in text
+    assert "=" in text and "How many" in text

@@ -82,7 +82,7 @@ def _checkpoints(stage_dir):
 
 
 def test_half_written_checkpoints_fall_back_to_the_previous_one(tmp_path, tiny_model, figure):
-    grid = write_grid(tmp_path / "g.toml", tiny_model, budgets=(128,), epochs=3, every=8)
+    grid = write_grid(tmp_path / "g.toml", tiny_model, budgets=(64,), epochs=3, every=4)
     plan = build_plan(load_spec(grid))
     sft = next(s for s in plan.stages.values() if s.kind == "sft")
     stage = StageDir.of(tmp_path / "runs", sft.stage_id)

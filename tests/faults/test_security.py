@@ -103,16 +103,22 @@ def test_metacharacters_reach_no_shell_and_secrets_no_file(tmp_path, tiny_model,
     cli = CLI(root, env=SECRETS)
     cli.workdir = root / f"runs {evil}"
     grid = write_grid(root / "g.toml", str(model).replace("\\", "\\\\").replace('"', '\\"')
-                      .replace("\n", "\\n"), extra=f"""
+                      .replace("\n", "\\n"), fractions=(1.0, 0.5), extra=f"""
         [slurm]
         partition = "batch"
         extra_sbatch = ["--comment=c{evil.replace('"', '')}"]
-        """)
+        [train.dpo]
+        max_length = 8
+        truncation = "drop"
+        """)   # the DPO stage fails (every pair too long): error records and tracebacks too
     sub = cli("submit", grid, "--executor", "slurm", check=True)
     st = sync_until_done(cli, timeout=240)
-    assert st["stages_completed"] == st["stages_total"] == 2, (st, cli("ledger", "attempts").stdout)
+    assert st["stages_completed"] == 3 and st["stages_total"] == 5, \
+        (st, cli("ledger", "attempts").stdout)
+    (err,) = cli.rows("SELECT error FROM stages WHERE kind = 'dpo'")[0]
+    assert "longer than max_length" in err, err
     # The job really ran from those paths: the model it trained and evaluated exists.
-    sft = cli.rows("SELECT stage_id FROM stages WHERE kind = 'sft'")[0][0]
+    sft = cli.rows("SELECT stage_id FROM stages WHERE kind = 'sft' AND n = 8")[0][0]
     assert (cli.workdir / "stages" / sft / "model" / "config.json").exists()
     # No shell ran any of it: no PWNED file anywhere the job or the CLI could have written.
     for d in (tmp_path, root, cli.workdir, Path.home(), Path("/tmp")):
@@ -132,11 +138,13 @@ def test_metacharacters_reach_no_shell_and_secrets_no_file(tmp_path, tiny_model,
     p = cli("submit", bad, "--executor", "slurm")
     assert p.returncode == 1 and "sbatch failed" in p.stderr, p.stderr
     assert not (root / "PWNED1").exists()
+    dpo = cli.rows("SELECT stage_id FROM stages WHERE kind = 'dpo'")[0][0]
+    assert (cli.workdir / "stages" / dpo / "error.json").exists()
     # Secrets: not in the ledger, not in spec.json, not in any log or file under the workdir,
     # nor in what the CLI prints.
     outputs = [sub.stdout + sub.stderr]
     for args in (("ledger", "attempts", "--json"), ("ledger", "stages", "--json"),
-                 ("logs", sft), ("status", "f", "--json")):
+                 ("logs", sft), ("logs", dpo), ("status", "f", "--json")):
         p = cli(*args)
         outputs.append(p.stdout + p.stderr)
     needles = list(SECRETS.values())

@@ -56,12 +56,16 @@ class SyncReport:
         return dict(self.__dict__)
 
 
-def open_attempts(led: Ledger) -> list[dict]:
-    """The latest attempt of every stage whose outcome is not final."""
+def open_attempts(led: Ledger, with_ending: bool = False) -> list[dict]:
+    """The latest attempt of every stage whose outcome is not final; with_ending adds the
+    ones completed by their result.json while their job had not ended yet (sync follows them
+    to the end: final times, compute, and the runs of a requeued job)."""
     marks = ",".join("?" * len(UNFINISHED))
+    ending = " OR (a.outcome = 'COMPLETED' AND a.ended_at IS NULL AND a.job_id IS NOT NULL)" \
+        if with_ending else ""
     return led._rows(
         f"SELECT a.* FROM attempts a JOIN (SELECT stage_id, MAX(attempt_id) AS m FROM attempts "
-        f"GROUP BY stage_id) l ON a.attempt_id = l.m WHERE a.outcome IN ({marks}) "
+        f"GROUP BY stage_id) l ON a.attempt_id = l.m WHERE a.outcome IN ({marks}){ending} "
         f"ORDER BY a.attempt_id", UNFINISHED)
 
 
@@ -172,7 +176,7 @@ def sync(led: Ledger, workdir: str | Path) -> SyncReport:
     """Read every unfinished attempt's scheduler state and stage directory into the ledger."""
     workdir = Path(workdir).resolve()
     report = SyncReport()
-    atts = open_attempts(led)
+    atts = open_attempts(led, with_ending=True)
     report.attempts = len(atts)
     if not atts:
         return report
@@ -202,7 +206,7 @@ def sync(led: Ledger, workdir: str | Path) -> SyncReport:
         # Another command (cancel, resubmit) may have closed or replaced an attempt since we
         # read it: writing our older view over it would revive a dead attempt. Those jobs
         # wait for the next sync.
-        current = {a["attempt_id"]: a["outcome"] for a in open_attempts(led)}
+        current = {a["attempt_id"]: a["outcome"] for a in open_attempts(led, with_ending=True)}
         jobs = {k: g for k, g in jobs.items()
                 if all(current.get(a["attempt_id"]) == a["outcome"] for a in g)}
         for (executor, jid), group in jobs.items():
@@ -302,6 +306,8 @@ def _sync_job(led, workdir, executor, jid, group, job_runs, accounting, now, rep
             col, secs = _share(run, stage)
             update[col] = secs
         if outcome == "COMPLETED":
+            if run is None and a["outcome"] == "COMPLETED":
+                update["ended_at"] = update.get("ended_at") or now   # gone: stop following
             led.update_attempt(a["attempt_id"], error=None, **update)
             if a["outcome"] != "COMPLETED" or stage_rows[sid]["state"] != "COMPLETED":
                 report.changed += 1

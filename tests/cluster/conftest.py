@@ -76,3 +76,34 @@ def slurm_cluster():
 @pytest.fixture(autouse=True)
 def _cpu_env(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def step_seconds(tmp_path_factory, tiny_model) -> float:
+    """Seconds per optimizer step of the tiny model on this machine right now (the real
+    worker on a 40-step SFT stage), so tests that must still be training when a signal
+    lands size their stages in seconds, not steps."""
+    import json
+    import sys
+
+    from budgetlab.graph import build_plan
+    from budgetlab.spec import load_spec
+    from budgetlab.stagedir import StageDir
+
+    tmp = tmp_path_factory.mktemp("calibrate")
+    plan = build_plan(load_spec(write_grid(tmp / "g.toml", tiny_model, budgets=(16,),
+                                           fractions=(1.0,), epochs=10)))
+    sft = next(s for s in plan.stages.values() if s.kind == "sft")
+    stage = StageDir.of(tmp / "runs", sft.stage_id)
+    stage.write_spec(sft.spec_json(tmp / "runs"))
+    subprocess.run([sys.executable, "-m", "budgetlab.executors.job", str(stage.root)],
+                   check=True, capture_output=True, timeout=600,
+                   env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    res = json.loads(stage.result_path.read_text())
+    return max(0.02, float(res["train_seconds"]) / max(1, int(res["steps"])))
+
+
+@pytest.fixture(scope="session")
+def epochs_for(step_seconds):
+    """epochs_for(seconds): epochs of a 16-example stage (4 steps each) lasting that long."""
+    return lambda seconds: max(2, int(seconds / step_seconds / 4) + 1)

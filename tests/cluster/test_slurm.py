@@ -39,6 +39,14 @@ def _wait_for(cond, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _until_job_ended(led, wd, sid, timeout=120):
+    """A result.json completes a stage before its job ends; sync follows the job to its end
+    (final times, the runs of a requeued job)."""
+    _wait_for(lambda: sync(led, wd) and led.latest_attempt(sid)["ended_at"], timeout,
+              "the job to end")
+    return _attempts(led, sid)
+
+
 def _progress_step(wd, sid) -> int:
     p = StageDir.of(wd, sid).read_progress() or {}
     return int(p.get("step") or 0)
@@ -112,16 +120,19 @@ def test_failure_resubmit_releases_blocked_children(tmp_path, grid_file, tiny_mo
     assert led.stage(dpo.stage_id)["state"] == "COMPLETED"
 
 
-def test_preempted_job_resumes_from_checkpoint(tmp_path, grid_file, tiny_model, slurm_cluster):
+def test_preempted_job_resumes_from_checkpoint(tmp_path, grid_file, tiny_model, slurm_cluster,
+                                               epochs_for):
+    # About 30 s of training: the preemption lands mid-way whatever the machine's speed.
     plan, led, wd = _setup(tmp_path, grid_file, tiny_model, name="pre", budgets=(16,),
-                           fractions=(1.0,), epochs=6, checkpoint_every=1000)
+                           fractions=(1.0,), epochs=epochs_for(30),
+                           checkpoint_every=1000)
     sft = next(s for s in plan.stages.values() if s.kind == "sft")
     submit(led, plan, wd, executor="slurm")
     _wait_for(lambda: _progress_step(wd, sft.stage_id) >= 2, 240, "training to start")
     urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", "16", "-o", "/dev/null",
                              "--wrap", "sleep 3"], capture_output=True, text=True, check=True)
     wait(led, wd, "pre", poll_s=2, timeout_s=400)
-    atts = _attempts(led, sft.stage_id)
+    atts = _until_job_ended(led, wd, sft.stage_id)
     assert led.stage(sft.stage_id)["state"] == "COMPLETED", atts
     assert len(atts) >= 2 and atts[0]["outcome"] == "PREEMPTED", atts
     assert atts[-1]["outcome"] == "COMPLETED" and atts[-1]["resumed_from_step"] >= 2
@@ -131,14 +142,16 @@ def test_preempted_job_resumes_from_checkpoint(tmp_path, grid_file, tiny_model, 
 
 
 def test_time_limit_checkpoints_requeues_and_completes(tmp_path, grid_file, tiny_model,
-                                                        slurm_cluster):
+                                                        slurm_cluster, epochs_for):
+    # A 1-minute limit (the pre-timeout signal 15 s before it) and ~90 s of training.
     extra = "[resources.sft]\ntime_min = 1\n[resources.eval]\ntime_min = 0.01\n"
     plan, led, wd = _setup(tmp_path, grid_file, tiny_model, name="tle", budgets=(16,),
-                           fractions=(1.0,), epochs=40, checkpoint_every=1000, extra=extra)
+                           fractions=(1.0,), epochs=epochs_for(90),
+                           checkpoint_every=1000, extra=extra)
     sft = next(s for s in plan.stages.values() if s.kind == "sft")
     submit(led, plan, wd, executor="slurm")
     wait(led, wd, "tle", poll_s=3, timeout_s=540)
-    atts = _attempts(led, sft.stage_id)
+    atts = _until_job_ended(led, wd, sft.stage_id)
     assert led.stage(sft.stage_id)["state"] == "COMPLETED", atts
     assert len(atts) >= 2 and atts[0]["outcome"] == "TIMEOUT", atts
     assert atts[-1]["resumed_from_step"] and atts[-1]["resumed_from_step"] > 0

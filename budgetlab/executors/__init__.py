@@ -124,10 +124,10 @@ def resubmit(led: Ledger, workdir: str | Path, grid: str | None = None,
         row = in_grid.get(sid) or led.stage(sid)
         if att is None:
             continue
-        before = json.loads(att["resources"] or "{}") or dict(row["resources"])
-        before.pop("job", None)
-        base = {**row["resources"], **{k: v for k, v in before.items() if k in row["resources"]
-                                      or k == "exclude"}}
+        # Escalate from what the last try ran with (the stage's keys, plus excluded nodes).
+        last = json.loads(att["resources"] or "{}")
+        base = {**row["resources"], **{k: v for k, v in last.items()
+                                       if k in row["resources"] or k == "exclude"}}
         after = escalate(base, row["state"], att.get("nodes"))
         resources[sid] = after
         used = used or att["executor"]

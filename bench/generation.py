@@ -1,6 +1,6 @@
 """Batched greedy generation (left padding, KV cache) vs one prompt at a time, on the toy model.
 
-    DS_ACCELERATOR=cpu .venv/bin/python bench/generation.py [--n 128] [--batch-size 64]
+    DS_ACCELERATOR=cpu .venv/bin/python bench/generation.py [--n 64] [--batch-size 64]
 
 Both sides call budgetlab.evaluate.generate on the same prompts; the outputs must be identical.
 Last line: RESULT batched_generation_speedup <ratio>.
@@ -19,7 +19,7 @@ from budgetlab.tasks import get_task
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="builtin:arith-tiny")
-    ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     args = ap.parse_args()

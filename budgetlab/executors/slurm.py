@@ -293,6 +293,7 @@ def sacct(job_ids: list[str]) -> dict[str, list[JobRecord]]:
         raise RuntimeFailure(f"sacct failed: {msg.splitlines()[-1] if msg else p.returncode}")
     wanted = set(job_ids)
     out: dict[str, list[JobRecord]] = {}
+    grouped: dict[str, list[JobRecord]] = {}
     bare: dict[str, JobRecord] = {}
     for line in p.stdout.splitlines():
         f = line.split("|")
@@ -304,9 +305,17 @@ def sacct(job_ids: list[str]) -> dict[str, list[JobRecord]]:
                         gpus=_tres(f[9], "gres/gpu"), cpus=_tres(f[9], "cpu"))
         if "_" not in f[0]:
             bare[f[0]] = rec
-        for jid in expand_job_id(f[0]):
-            if jid in wanted:
-                out.setdefault(jid, []).append(_copy(rec, jid))
+        if "[" in f[0]:   # "12_[0,2-4]": the tasks that have no record of their own yet
+            for jid in expand_job_id(f[0]):
+                if jid in wanted:
+                    grouped.setdefault(jid, []).append(_copy(rec, jid))
+        elif f[0] in wanted:
+            out.setdefault(f[0], []).append(rec)
+    # A task's own record wins over the array's grouped one, which sacct may still list
+    # for it (read both, and a held task looked like a job that ran twice).
+    for jid, recs in grouped.items():
+        if jid not in out:
+            out[jid] = recs
     # An array whose tasks the database does not list yet shows as the bare array id.
     for jid in wanted - set(out):
         rec = bare.get(jid.split("_")[0])

@@ -83,7 +83,9 @@ def submit_stages(led: Ledger, stage_ids: list[str], workdir: str | Path,
         backend.submit(units)
     finally:   # jobs that got an id are recorded even if a later sbatch failed
         result.sbatch_calls = backend.sbatch_calls
-        finish_attempts(led, units)
+        late = finish_attempts(led, units)
+        if late:
+            backend.cancel(late)
     return result
 
 

@@ -208,10 +208,20 @@ def begin_attempts(led: Ledger, units: list[Unit], executor: str) -> None:
                 job_name=u.job_name) for s in u.stages]
 
 
-def finish_attempts(led: Ledger, units: list[Unit]) -> None:
+def finish_attempts(led: Ledger, units: list[Unit]) -> list[str]:
+    """Job ids (or failure) into the SUBMITTING attempts. Returns the jobs to scancel: those
+    whose attempts a concurrent `cancel` closed while sbatch ran (they keep CANCELLED and
+    get the job id, instead of coming back to life as PENDING)."""
+    to_cancel = []
     with led.write():
         for u in units:
             for sid, aid in zip((s["stage_id"] for s in u.stages), u.attempt_ids):
+                now = led._rows("SELECT outcome FROM attempts WHERE attempt_id = ?", (aid,))
+                if now and now[0]["outcome"] != "SUBMITTING":
+                    if u.job_id is not None:
+                        led.update_attempt(aid, job_id=u.job_id, log_path=u.log_path)
+                        to_cancel.append(u.job_id)
+                    continue
                 if u.job_id is None:
                     led.update_attempt(aid, outcome="FAILED", error="submission failed")
                     led.set_stage_state(sid, "FAILED", error="submission failed")
@@ -219,6 +229,7 @@ def finish_attempts(led: Ledger, units: list[Unit]) -> None:
                     led.update_attempt(aid, job_id=u.job_id, outcome="PENDING",
                                        raw_state="PENDING", log_path=u.log_path)
                     led.set_stage_state(sid, "PENDING")
+    return sorted(set(to_cancel))
 
 
 def stage_kinds(led: Ledger, units: list[Unit]) -> dict[str, str]:

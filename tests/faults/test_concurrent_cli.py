@@ -47,7 +47,7 @@ def test_eight_concurrent_cli_processes_on_one_ledger(scli, tiny_model, figure):
              ("sync", "--json"), ("sync", "--json"),
              ("status", "--json"), ("status", "ga", "--json"),
              ("cancel", "ga", "--json"),
-             ("resubmit", "--state", "CANCELLED", "--executor", "slurm", "--json")]
+             ("resubmit", "ga", "--state", "CANCELLED", "--executor", "slurm", "--json")]
     per = [TOTAL_OPS // len(roles) + (i < TOTAL_OPS % len(roles)) for i in range(len(roles))]
     t0 = time.time()
     # The first submit creates the ledger; the others start at once after it.

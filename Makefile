@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[train,dev]"
+	# DeepSpeed compiles its CPU communication op on first use (~60 s): do it once here,
+	# not inside the first job.
+	command -v nvidia-smi >/dev/null 2>&1 || DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator \
+	  import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()" >/dev/null
 	touch $@
 
 demo: env

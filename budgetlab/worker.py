@@ -57,6 +57,28 @@ def run_one(stage: StageDir) -> dict | None:
     return result
 
 
+def prepare_process(stage_dirs: list[str]) -> None:
+    """Set up a job process before any stage runs (both executors call this).
+
+    - stdout/stderr mask environment secrets, so a library that prints a token by mistake
+      does not leak it into the job log;
+    - torch uses the CPUs the job asked for (cpus_per_task), not every core of the node:
+      two 1-CPU jobs on a 2-core machine would otherwise each start 2 threads and thrash.
+    """
+    if not isinstance(sys.stdout, RedactingStream):
+        sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+    if "OMP_NUM_THREADS" in os.environ or not stage_dirs:
+        return
+    try:
+        cpus = StageDir(Path(stage_dirs[0])).read_spec().get("resources", {}).get("cpus_per_task")
+    except (OSError, StageFileError):
+        return
+    if isinstance(cpus, int) and cpus > 0:
+        os.environ["OMP_NUM_THREADS"] = str(cpus)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(cpus)
+
+
 def _already_done(stage: StageDir) -> bool:
     try:
         return stage.read_result() is not None
@@ -106,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         print("usage: python -m budgetlab.worker STAGE_DIR [STAGE_DIR ...]", file=sys.stderr)
         return 2
-    # A library that prints a token by mistake must not leak it into the job log.
-    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+    prepare_process(argv)
     try:
         run_stages(argv)
     except Exception as exc:  # the error record is written; the exit code tells the scheduler

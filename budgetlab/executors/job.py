@@ -69,8 +69,9 @@ class StageJob(submitit.helpers.Checkpointable):
         self.stage_dirs = [str(d) for d in stage_dirs]
 
     def __call__(self):
-        from budgetlab.worker import run_stages
+        from budgetlab.worker import prepare_process, run_stages
 
+        prepare_process(self.stage_dirs)
         head = StageDir(Path(self.stage_dirs[0]))
         jid, restart = job_key()
         record = {"job_id": jid, "restart": restart, "host": os.uname().nodename,

@@ -44,10 +44,15 @@ def test_disk_full_while_saving_a_checkpoint(tmp_path, small_disk, tiny_model, f
     sd = cli.workdir / "stages" / sft
     wait_until(lambda: _complete_checkpoints(sd), 240, "a first checkpoint", poll=0.05)
     # Fill the disk, leaving less than one checkpoint's worth.
-    st = os.statvfs(small_disk)
+    # (the job keeps writing meanwhile: fill to the brim, then give back 96 KB)
     filler = small_disk / "filler"
-    with open(filler, "wb") as f:
-        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - 96 * 1024))
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * (256 * 1024))
+        except OSError:
+            pass
+        f.truncate(max(0, f.tell() - 96 * 1024))
     t_full = time.time()
     wait_until(lambda: cli.json("status", "f")["active"] == 0, 240, "the job to stop",
                poll=1.0)

@@ -18,6 +18,7 @@ def plot_report(rep: Report, path: str | os.PathLike, dpi: int = 120) -> None:
         raise BadInput("--plot needs matplotlib: pip install 'budgetlab[plot]'") from None
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = list(dict.fromkeys((t, m) for t, m, _ in rep.panels()))
     methods = list(dict.fromkeys(meth for _, _, meth in rep.panels()))
@@ -26,7 +27,7 @@ def plot_report(rep: Report, path: str | os.PathLike, dpi: int = 120) -> None:
     fractions = sorted({g["sft_fraction"] for g in rep.groups}, reverse=True)
     colors = plt.get_cmap("viridis")
     fig, axes = plt.subplots(len(rows), len(methods), squeeze=False, sharey="row",
-                             figsize=(4.2 * len(methods), 3.4 * len(rows)))
+                             figsize=(max(4.2 * len(methods), 5.5) + 1.8, 3.6 * len(rows)))
     for i, (task, model) in enumerate(rows):
         base = next((b for b in rep.baselines if (b["task"], b["model"]) == (task, model)
                      and b["score"] is not None), None)
@@ -45,6 +46,10 @@ def plot_report(rep: Report, path: str | os.PathLike, dpi: int = 120) -> None:
             if base is not None:
                 ax.axhline(base["score"], color="grey", ls="--", lw=1, label="base model")
             ax.set_xscale("log")
+            # Ticks at the measured budgets, written out (log-axis minor labels collide).
+            budgets = sorted({g["budget"] for g in rep.groups})
+            ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(f"{task} · {method}" + (f"\n{model}" if len(rows) > 1 else ""),
                          fontsize=10)
             ax.set_xlabel(f"annotation budget ({rep.unit})")
@@ -59,9 +64,10 @@ def plot_report(rep: Report, path: str | os.PathLike, dpi: int = 120) -> None:
                 labels.append(lab)
     fig.legend(handles, labels, loc="center right", title="SFT share", fontsize=8)
     cost = f"sft {rep.costs['sft']:g}, pair {rep.costs['pair']:g}"
-    fig.suptitle(f"{rep.grid}: {rep.metric} (mean ± sd over seeds; costs {cost}"
-                 f"{', re-priced' if rep.repriced else ''})", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 0.86, 0.95))
+    fig.suptitle(f"{rep.grid}: {rep.metric}, mean ± sd over seeds\n(costs {cost}"
+                 f"{', re-priced' if rep.repriced else ''})", fontsize=10)
+    width = fig.get_size_inches()[0]
+    fig.tight_layout(rect=(0, 0, 1 - 1.7 / width, 0.9))
     try:
         fig.savefig(path, dpi=dpi)
     except (OSError, ValueError) as e:

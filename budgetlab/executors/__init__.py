@@ -137,11 +137,37 @@ def resubmit(led: Ledger, workdir: str | Path, grid: str | None = None,
         notes.append({"stage_id": sid, "kind": row["kind"], "outcome": row["state"],
                       "changes": diff})
     executor = executor or used or "local"
-    settings = grid_settings(led, grid, executor)
-    result = submit_stages(led, list(todo), workdir, executor, settings, resources=resources,
-                           grid=grid, dry_run=dry_run) if todo else \
-        SubmitResult(executor, [], [], [])
+    result = SubmitResult(executor, [], [], [])
+    for g, ids in _by_grid(led, grid, list(todo)):
+        part = submit_stages(led, ids, workdir, executor, grid_settings(led, g, executor),
+                             resources=resources, grid=g, dry_run=dry_run)
+        result.units += part.units
+        result.blocked += part.blocked
+        result.skipped += part.skipped
+        result.sbatch_calls += part.sbatch_calls
     return result, notes
+
+
+def _by_grid(led: Ledger, grid: str | None, stage_ids: list[str]) -> list[tuple]:
+    """[(grid, stage ids)]: each stage goes with the first grid (by name) that holds it, so
+    it is submitted with that grid's [slurm]/[local] settings. A parent belongs to every
+    grid its children belong to, so it lands in the same or an earlier group and is
+    submitted first."""
+    if not stage_ids:
+        return []
+    if grid is not None:
+        return [(grid, stage_ids)]
+    left, groups = dict.fromkeys(stage_ids), []
+    for g in sorted(r["name"] for r in led.grids()):
+        members = set(led.grid_stage_ids(g))
+        ids = [s for s in left if s in members]
+        if ids:
+            groups.append((g, ids))
+            for s in ids:
+                del left[s]
+    if left:
+        groups.append((None, list(left)))
+    return groups
 
 
 def cancel(led: Ledger, workdir: str | Path, grid: str | None = None,

@@ -21,6 +21,7 @@ from pathlib import Path
 import submitit
 
 from budgetlab.stagedir import StageDir, atomic_write_json
+from budgetlab.worker import _rank
 
 
 class Interrupted(Exception):
@@ -45,13 +46,6 @@ def job_key() -> tuple[str, int]:
     else:
         jid = env.get("SLURM_JOB_ID") or env.get("BUDGETLAB_LOCAL_JOB_ID") or "local"
     return jid, int(env.get("SLURM_RESTART_COUNT") or 0)
-
-
-def _rank() -> int:
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
 
 
 def requeue_slurm_job(job_id: str) -> str:

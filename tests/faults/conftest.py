@@ -61,7 +61,7 @@ def pytest_terminal_summary(terminalreporter):
     for scen, outcome, figs in rows:
         tr.write_line(f"{scen:<{w0}}  {outcome:<7}  {figs}")
     out = os.environ.get("BUDGETLAB_FAULT_TABLE")
-    if out:  # docs/reliability.md quotes these numbers
+    if out:  # README.md (Reliability) quotes these numbers
         Path(out).write_text(json.dumps([dict(zip(("scenario", "result", "figures"), r))
                                          for r in rows], indent=1))
 

@@ -81,7 +81,7 @@ def _cpu_env(monkeypatch):
 @pytest.fixture(scope="session")
 def step_seconds(tmp_path_factory, tiny_model) -> float:
     """Seconds per optimizer step of the tiny model on this machine right now (the real
-    worker on a 40-step SFT stage), so tests that must still be training when a signal
+    worker on a 200-step SFT stage), so tests that must still be training when a signal
     lands size their stages in seconds, not steps."""
     import json
     import sys
@@ -92,7 +92,7 @@ def step_seconds(tmp_path_factory, tiny_model) -> float:
 
     tmp = tmp_path_factory.mktemp("calibrate")
     plan = build_plan(load_spec(write_grid(tmp / "g.toml", tiny_model, budgets=(16,),
-                                           fractions=(1.0,), epochs=10)))
+                                           fractions=(1.0,), epochs=50)))
     sft = next(s for s in plan.stages.values() if s.kind == "sft")
     stage = StageDir.of(tmp / "runs", sft.stage_id)
     stage.write_spec(sft.spec_json(tmp / "runs"))
@@ -100,7 +100,10 @@ def step_seconds(tmp_path_factory, tiny_model) -> float:
                    check=True, capture_output=True, timeout=600,
                    env={**os.environ, "DS_ACCELERATOR": "cpu"})
     res = json.loads(stage.result_path.read_text())
-    return max(0.02, float(res["train_seconds"]) / max(1, int(res["steps"])))
+    # 200 steps, so start-up costs do not inflate the estimate; no high floor: on an idle
+    # machine a tiny-model step takes a few ms, and an over-estimate makes stages that
+    # must outlast a time limit finish before it.
+    return max(0.001, float(res["train_seconds"]) / max(1, int(res["steps"])))
 
 
 @pytest.fixture(scope="session")

@@ -64,14 +64,14 @@ def test_cli_bad_input(tmp_path, grid_file, tiny_model):
 
 
 @pytest.mark.slow
-def test_local_time_limit_then_resubmit_resumes(tmp_path, grid_file, tiny_model):
+def test_local_time_limit_then_resubmit_resumes(tmp_path, grid_file, tiny_model, epochs_for):
     from budgetlab.executors import resubmit, submit, wait
     from budgetlab.graph import build_plan
     from budgetlab.spec import load_spec
 
     extra = "[resources.sft]\ntime_min = 0.2\n[resources.eval]\ntime_min = 0.2\n"
     grid = grid_file(tmp_path / "g.toml", tiny_model, name="tl", budgets=(16,), fractions=(1.0,),
-                     epochs=40, checkpoint_every=1000, extra=extra)
+                     epochs=epochs_for(40), checkpoint_every=1000, extra=extra)
     plan = build_plan(load_spec(grid))
     led = Ledger(tmp_path / "ledger.db")
     wd = tmp_path / "runs"

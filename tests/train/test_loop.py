@@ -71,7 +71,11 @@ def test_zero3_export_gathers_the_same_weights_as_zero2(tiny_llama, tmp_path):
     s3, _ = train(tmp_path, "z3", "sft", sft_rows(16), tiny_llama, zero_stage=3, epochs=1)
     w2, w3 = (load_file(s.model_dir / "model.safetensors") for s in (s2, s3))
     assert w2.keys() == w3.keys() and all(w3[k].numel() > 0 for k in w3)
-    assert all(torch.allclose(w2[k], w3[k], atol=1e-6) for k in w2)
+    # Same training, different partitioning: reductions run in another order, and Adam's
+    # normalised update turns a 1e-7 gradient difference on a near-zero gradient into up to
+    # lr (5e-5) per step. A missing gather would be off by the weights themselves (~2e-2).
+    diff = max((w2[k] - w3[k]).abs().max().item() for k in w2)
+    assert diff <= 5e-4, diff
 
 
 @pytest.mark.parametrize("zero", [2, 3])

@@ -76,3 +76,31 @@ def test_console_script_and_no_torch_on_import(tmp_path):
             "'deepspeed', 'datasets', 'peft') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_plan_with_local_data_needs_no_datasets_package(tmp_path):
+    """A login node with the core install only (no `datasets`) can still plan a grid whose
+    data are local files: the line checks run, the row checks wait for the worker."""
+    spec = tmp_path / "g.toml"
+    spec.write_text(f"""
+name = "core"
+[grid]
+tasks = ["gsm8k"]
+models = ["Qwen/Qwen2.5-7B"]
+budgets = [4]
+sft_fractions = [0.5]
+methods = ["dpo"]
+seeds = [0]
+[data.gsm8k]
+sft = "{ROOT / 'tests' / 'fixtures' / 'gsm8k_sft.jsonl'}"
+""")
+    code = ("import sys; sys.modules['datasets'] = None; from budgetlab.cli import main; "
+            "main(['plan', sys.argv[1], '--json'])")
+    res = subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["cells"] == 1
+    (tmp_path / "bad.jsonl").write_text('{"question": "q"\n')
+    spec.write_text(spec.read_text().replace(
+        str(ROOT / 'tests' / 'fixtures' / 'gsm8k_sft.jsonl'), str(tmp_path / "bad.jsonl")))
+    res = subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True, text=True)
+    assert res.returncode == 2 and "line 1" in res.stderr

@@ -328,31 +328,33 @@ def _resolve_model(c: _Checker, i: int, ref: str, builtins) -> str:
     c.fail(key, f"{ref!r} is neither builtin:NAME, an existing directory, nor a hub id ORG/NAME")
 
 
-def _parse_train(c: _Checker, raw: dict) -> dict:
-    common = {k: v for k, v in raw.items() if k not in TRAIN_KINDS}
-    c.values(common, "train.", COMMON_TRAIN)
+def _layered(c: _Checker, raw: dict, name: str, kinds, common_keys: dict, kind_keys, defaults):
+    """A table whose keys apply to every kind and whose [NAME.KIND] subtables override them:
+    {kind: defaults(kind) + common keys + the kind's own keys}."""
+    common = {k: v for k, v in raw.items() if k not in kinds}
+    c.values(common, f"{name}.", common_keys)
     out = {}
-    for kind in TRAIN_KINDS:
-        section = c.table(raw.get(kind, {}), f"train.{kind}")
-        c.values(section, f"train.{kind}.", {**COMMON_TRAIN, **KIND_TRAIN[kind]})
-        out[kind] = {**TRAIN_DEFAULTS, **KIND_DEFAULTS[kind], **common, **section}
+    for kind in kinds:
+        section = c.table(raw.get(kind, {}), f"{name}.{kind}")
+        c.values(section, f"{name}.{kind}.", {**common_keys, **kind_keys(kind)})
+        out[kind] = {**defaults(kind), **common, **section}
     return out
 
 
+def _parse_train(c: _Checker, raw: dict) -> dict:
+    return _layered(c, raw, "train", TRAIN_KINDS, COMMON_TRAIN, KIND_TRAIN.get,
+                    lambda kind: {**TRAIN_DEFAULTS, **KIND_DEFAULTS[kind]})
+
+
 def _parse_resources(c: _Checker, raw: dict) -> dict:
-    common = {k: v for k, v in raw.items() if k not in STAGE_KINDS}
-    c.values(common, "resources.", RESOURCE_KEYS)
-    out = {}
-    for kind in STAGE_KINDS:
-        section = c.table(raw.get(kind, {}), f"resources.{kind}")
-        c.values(section, f"resources.{kind}.", RESOURCE_KEYS)
-        r = {**RESOURCE_DEFAULTS, **common, **section}
+    out = _layered(c, raw, "resources", STAGE_KINDS, RESOURCE_KEYS, lambda kind: {},
+                   lambda kind: RESOURCE_DEFAULTS)
+    for kind, r in out.items():
         # One rank per GPU; on CPU one rank unless the spec asks for more.
         r.setdefault("tasks_per_node", max(r["gpus_per_node"], 1))
         if r["gpus_per_node"] and r["tasks_per_node"] != r["gpus_per_node"]:
             c.fail(f"resources.{kind}.tasks_per_node",
                    f"must equal gpus_per_node ({r['gpus_per_node']}): one rank per GPU")
-        out[kind] = r
     return out
 
 

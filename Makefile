@@ -6,6 +6,8 @@ PYTHON ?= python3
 # GPU users get pip's default CUDA build, or set TORCH=... themselves.
 TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 PYTEST_ARGS ?=
+# Nodes of the local test cluster (slurm/cluster.sh); the multi-node tests need 2.
+SLURM_NODES ?= 2
 
 .PHONY: env demo test test-fast cluster-up cluster-down bench clean
 
@@ -14,7 +16,8 @@ env: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[train,dev]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[train,dev,wandb,tensorboard]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps "lm-eval==0.4.13"
 	# DeepSpeed compiles its CPU communication op on first use (~60 s): do it once here,
 	# not inside the first job.
 	command -v nvidia-smi >/dev/null 2>&1 || DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator \
@@ -25,14 +28,14 @@ demo: env
 	$(VENV)/bin/budgetlab --ledger runs/demo/ledger.db --workdir runs/demo run jobs/quickstart.toml
 
 cluster-up:
-	bash slurm/cluster.sh up
+	BUDGETLAB_SLURM_NODES=$(SLURM_NODES) bash slurm/cluster.sh up
 
 cluster-down:
-	bash slurm/cluster.sh down
+	BUDGETLAB_SLURM_NODES=$(SLURM_NODES) bash slurm/cluster.sh down
 
 # The whole suite, real SLURM included: the cluster is started first.
 test: env cluster-up
-	set -a; eval "$$(bash slurm/cluster.sh env)"; set +a; \
+	set -a; eval "$$(BUDGETLAB_SLURM_NODES=$(SLURM_NODES) bash slurm/cluster.sh env)"; set +a; \
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 # Without the cluster and the slow tests: the inner loop while editing.

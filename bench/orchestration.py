@@ -24,13 +24,14 @@ from pathlib import Path
 
 import submitit
 
-from budgetlab.executors import submit
-from budgetlab.executors.job import StageJob
+from budgetlab.backends.job import StageJob
+from budgetlab.orchestrate import submit
 from budgetlab.graph import build_plan
 from budgetlab.ledger import Ledger
 from budgetlab.spec import load_spec
 from budgetlab.stagedir import StageDir
-from budgetlab.sync import status, sync
+from budgetlab.status import status
+from budgetlab.sync import sync
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,15 +69,13 @@ def add_synthetic_attempts(led: Ledger, stage_ids: list[str], n: int) -> None:
     rng = random.Random(0)
     now = time.time()
     outcomes = ["COMPLETED", "FAILED", "TIMEOUT", "PREEMPTED", "CANCELLED", "NODE_FAIL"]
-    rows = [(rng.choice(stage_ids), "slurm", f"{1_000_000 + i}_0", "old", now - 86400,
-             now - 86000, now - 80000, "COMPLETED", rng.choice(outcomes), "0:0", "n1", 8,
-             8 * 6000.0, None, 1000, "{}")
-            for i in range(n)]
-    with led.write():
-        led.conn.executemany(
-            "INSERT INTO attempts (stage_id, executor, job_id, job_name, submitted_at, "
-            "started_at, ended_at, raw_state, outcome, exit_code, nodes, gpus, gpu_seconds, "
-            "cpu_seconds, tokens, resources) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+    rows = ({"stage_id": rng.choice(stage_ids), "executor": "slurm",
+             "job_id": f"{1_000_000 + i}_0", "job_name": "old", "submitted_at": now - 86400,
+             "started_at": now - 86000, "ended_at": now - 80000, "raw_state": "COMPLETED",
+             "outcome": rng.choice(outcomes), "exit_code": "0:0", "nodes": "n1", "gpus": 8,
+             "gpu_seconds": 8 * 6000.0, "tokens": 1000, "resources": "{}"} for i in range(n))
+    with led.write():   # history rows, written directly: not a state of any stage now
+        led.db["attempts"].insert_all(rows, batch_size=1000)
 
 
 def main() -> int:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from budgetlab.graph import build_plan  # noqa: E402
 from budgetlab.ledger import Ledger  # noqa: E402
+from budgetlab.lifecycle import Transition  # noqa: E402
 from budgetlab.report import build_report  # noqa: E402
 from budgetlab.spec import load_spec  # noqa: E402
 
@@ -41,9 +42,10 @@ def measured_ledger(path: Path, plan) -> Ledger:
         for sid, st in plan.stages.items():
             result = {"stage_id": sid, "kind": st.kind, "metrics": {}}
             if st.kind == "eval":
-                result = {**result, "primary_metric": "exact_match_strict",
-                          "metrics": {"exact_match_strict": 0.5}}
-            led.record_result(sid, None, result)
+                result = {**result, "primary_metric": "strict_match",
+                          "metrics": {"strict_match": 0.5}}
+            aid = led.apply(Transition(sid, "SUBMITTING", "bench", new_attempt={}))
+            led.apply(Transition(sid, "COMPLETED", "bench", attempt_id=aid, result=result))
     return led
 
 

@@ -1,4 +1,6 @@
 """budgetlab: split an annotation budget between SFT and preference data, and measure it."""
 
-__version__ = "0.1.0"
-SCHEMA_VERSION = 1
+from budgetlab.api import Lab  # the Python API: `from budgetlab import Lab`
+from budgetlab.version import SCHEMA_VERSION, __version__
+
+__all__ = ["Lab", "__version__", "SCHEMA_VERSION"]

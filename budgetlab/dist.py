@@ -2,9 +2,11 @@
 
 Three sources, checked in this order:
   1. torchrun / deepspeed launcher variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT);
-  2. a submitit job (SUBMITIT_EXECUTOR set) or a bare SLURM task (SLURM_PROCID, SLURM_NTASKS):
-     MASTER_ADDR is the first host of the job's node list, the port is derived from the job id
-     so that every task of the job computes the same one without talking to the others;
+  2. a submitit job (SUBMITIT_EXECUTOR set: submitit's JobEnvironment, as its
+     TorchDistributedEnvironment reads it) or a bare SLURM task (SLURM_PROCID, SLURM_NTASKS):
+     ranks span every node of the allocation, MASTER_ADDR is the first host of the job's node
+     list, the port is derived from the job id so that every task of the job (on every node)
+     computes the same one without talking to the others;
   3. otherwise one process.
 torch is imported lazily: the CLI imports this module on machines without torch.
 """
@@ -113,6 +115,20 @@ def from_environment(environ: dict | None = None) -> DistEnv:
             source="submitit",
         )
 
+    if env.get("SUBMITIT_EXECUTOR") == "slurm" and environ is None and "SLURM_PROCID" in env:
+        # submitit's own view of the job (the same one TorchDistributedEnvironment uses):
+        # global rank, tasks, local rank and the hosts of the allocation, across nodes.
+        import submitit
+
+        je = submitit.JobEnvironment()
+        hosts = je.hostnames
+        return DistEnv(
+            rank=je.global_rank, world_size=je.num_tasks, local_rank=je.local_rank,
+            master_addr=hosts[0] if hosts else "127.0.0.1",
+            master_port=port_from_job_id(env.get("SLURM_JOB_ID", "0")),
+            backend=backend, source="submitit",
+        )
+
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         job_id = env.get("SLURM_JOB_ID", "0")
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
@@ -152,6 +168,16 @@ def init(env: DistEnv) -> None:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False,
                                    verbose=False)
+
+
+def process_rank() -> int:
+    """This process's global rank (0 when it is not part of a distributed job), from the same
+    sources as from_environment; never imports torch or calls scontrol."""
+    env = os.environ
+    for var in ("RANK", "SUBMITIT_LOCAL_GLOBALID", "SLURM_PROCID"):
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return 0
 
 
 def is_initialized() -> bool:

@@ -49,8 +49,9 @@ def stage_gpu_hours(stage: Stage, eval_limit: int | None = None) -> float | None
     if params is None:
         return None
     if stage.kind == "eval":
+        # k samples per prompt ([eval] samples) decode k times.
         tokens = (stage.params.get("limit") or 0) * (TOKENS_PER_EXAMPLE + stage.params.get(
-            "max_new_tokens", 256))
+            "max_new_tokens", 256)) * stage.params.get("samples", 1)
         flops = 2 * params * tokens * 10  # decoding runs far below peak
     else:
         tokens = (stage.n or 0) * stage.params.get("epochs", 1) * TOKENS_PER_EXAMPLE

@@ -76,7 +76,8 @@ def load_tokenizer(ref: str | os.PathLike, padding_side: str = "right"):
     path = resolve(ref)
     if is_adapter_dir(path) and not _has_tokenizer(path):
         path = _adapter_base(path)
-    tok = AutoTokenizer.from_pretrained(path)
+    name, revision = _name_revision(path)
+    tok = AutoTokenizer.from_pretrained(name, revision=revision)
     tok.padding_side = padding_side
     tok.pad_from_eos = False
     if tok.pad_token is None:
@@ -126,6 +127,18 @@ def load_model(ref: str | os.PathLike, dtype="auto", **kwargs):
     if is_adapter_dir(path):
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(_adapter_base(path), dtype=dt, **kwargs)
+        name, revision = _name_revision(_adapter_base(path))
+        base = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dt, **kwargs)
         return PeftModel.from_pretrained(base, path).merge_and_unload()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dt, **kwargs)
+    name, revision = _name_revision(path)
+    return AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dt, **kwargs)
+
+
+def _name_revision(ref: str) -> tuple[str, str | None]:
+    """A hub id pinned as "org/name@rev" -> (name, revision) for from_pretrained; a local
+    directory as it is."""
+    from budgetlab.hub import split_ref
+
+    if os.path.isdir(ref):
+        return ref, None
+    return split_ref(ref)

@@ -6,7 +6,7 @@ import functools
 import subprocess
 from pathlib import Path
 
-from budgetlab import __version__
+from budgetlab.version import __version__
 
 
 @functools.lru_cache(maxsize=1)
@@ -27,3 +27,37 @@ def code_version() -> dict:
     out["git_commit"] = commit.stdout.strip()
     out["git_dirty"] = int(bool(status.stdout.strip()))
     return out
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): with
+    the pid, it names one process even after the pid is reused."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rpartition(")")[2].split()[19]
+
+
+@functools.lru_cache(maxsize=1)
+def submitter() -> str:
+    """"host:pid:start" of this process, recorded with the attempts it submits."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid()) or 0}"
+
+
+def submitter_alive(who: str | None) -> bool | None:
+    """True/False when `who` ran on this host (its process is alive or not); None when it
+    ran elsewhere (then only its heartbeat tells)."""
+    import socket
+
+    if not who or who.count(":") < 2:
+        return None
+    host, pid, start = who.rsplit(":", 2)
+    if host != socket.gethostname():
+        return None
+    if not pid.isdigit():
+        return False
+    return _start_ticks(int(pid)) == start

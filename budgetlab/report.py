@@ -61,6 +61,19 @@ class Report:
                 "cells": [{k: c[k] for k in CELL_KEYS} for c in self.cells],
                 "best": [{k: b[k] for k in BEST_KEYS} for b in self.best]}
 
+    def to_records(self) -> list[dict]:
+        """The cells as `report --json` gives them: one dict per cell (CELL_KEYS)."""
+        return self.to_json()["cells"]
+
+    def to_pandas(self):
+        """The cells as a pandas DataFrame (pandas is not a dependency: install it)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("Report.to_pandas needs pandas (pip install pandas); "
+                              "Report.to_records() gives the same rows as dicts") from None
+        return pd.DataFrame.from_records(self.to_records(), columns=list(CELL_KEYS))
+
     def panels(self) -> list[tuple[str, str, str]]:
         """(task, model, method) in grid order."""
         return list(dict.fromkeys((g["task"], g["model"], g["method"]) for g in self.groups))
@@ -80,7 +93,7 @@ def build_report(led: Ledger, grid: str, metric: str | None = None,
                  costs: dict | None = None) -> Report:
     """The report of `grid` from the ledger; `costs` ({"sft", "pair"}) re-prices it."""
     g = led.grid(grid)
-    own = g["settings"].get("costs", {})
+    own = g.settings.get("costs", {})
     own_costs = {"sft": float(own.get("sft_example", 1.0)),
                  "pair": float(own.get("preference_pair", 1.0))}
     new_costs = {**own_costs, **(costs or {})}
@@ -90,17 +103,15 @@ def build_report(led: Ledger, grid: str, metric: str | None = None,
     if repriced:
         rows, chains = _reprice(led, g, rows, new_costs)
     else:
-        chains = {p["point_id"]: (p["sft_stage_id"], p["pft_stage_id"], p["eval_stage_id"])
-                  for p in _points(led, {r["point_id"] for r in rows})}
-    base_ids = [r["point_id"] for r in led._rows(
-        "SELECT point_id FROM baselines WHERE grid = ? AND active = 1", (grid,))]
-    for p in _points(led, base_ids):
-        chains[p["point_id"]] = (None, None, p["eval_stage_id"])
+        chains = {p.point_id: (p.sft_stage_id, p.pft_stage_id, p.eval_stage_id)
+                  for p in led.points({c.point_id for c in rows})}
+    base_ids = [b["point_id"] for b in led.baselines(grid)]
+    for p in led.points(base_ids):
+        chains[p.point_id] = (None, None, p.eval_stage_id)
 
     stage_ids = {s for chain in chains.values() for s in chain if s}
-    stages = {s["stage_id"]: s for s in led.stages(stage_ids=stage_ids)}
-    compute = {r["stage_id"]: r for r in led._select_in(
-        "SELECT stage_id, gpu_hours, cpu_hours FROM compute WHERE stage_id IN ({})", stage_ids)}
+    stages = {s.stage_id: s for s in led.stages(stage_ids=stage_ids)}
+    compute = led.compute(stage_ids)
     metric = _choose_metric(led, grid, metric, stages, [chains[p][2] for p in chains])
     metrics = led.metrics([chains[p][2] for p in chains])
 
@@ -109,9 +120,9 @@ def build_report(led: Ledger, grid: str, metric: str | None = None,
         if chain is None:
             return NOT_RUN, None
         ev = stages.get(chain[2])
-        if ev is None or ev["state"] != COMPLETED:  # a point is COMPLETED when its eval is
+        if ev is None or ev.state != COMPLETED:  # a point is COMPLETED when its eval is
             for sid in chain:  # else: the first unfinished stage of its chain is the cause
-                state = stages[sid]["state"] if sid in stages else NOT_RUN
+                state = stages[sid].state if sid in stages else NOT_RUN
                 if sid is not None and state != COMPLETED:
                     return (NOT_RUN if state == "NEW" else state), None
             return NOT_RUN, None
@@ -123,19 +134,18 @@ def build_report(led: Ledger, grid: str, metric: str | None = None,
 
     cells = []
     for r in rows:
-        status, score = point_state(r["point_id"])
+        status, score = point_state(r.point_id)
         cells.append({
-            "task": r["task"], "model": r["model"], "method": r["method"],
-            "budget": r["budget"], "sft_fraction": r["sft_fraction"], "seed": r["seed"],
-            "n_sft": r["n_sft"], "n_pft": r["n_pft"], "point_id": r["point_id"],
-            "status": status, "score": score, "annotation_cost": r["annotation_cost"],
-            "gpu_hours": hours(r["point_id"], "gpu_hours"),
-            "cpu_hours": hours(r["point_id"], "cpu_hours"),
+            "task": r.task, "model": r.model, "method": r.method,
+            "budget": r.budget, "sft_fraction": r.sft_fraction, "seed": r.seed,
+            "n_sft": r.n_sft, "n_pft": r.n_pft, "point_id": r.point_id,
+            "status": status, "score": score, "annotation_cost": r.annotation_cost,
+            "gpu_hours": hours(r.point_id, "gpu_hours"),
+            "cpu_hours": hours(r.point_id, "cpu_hours"),
         })
 
     baselines = []
-    for b in led._rows("SELECT task, model, point_id FROM baselines WHERE grid = ? AND "
-                       "active = 1 ORDER BY task, model", (grid,)):
+    for b in led.baselines(grid):
         status, score = point_state(b["point_id"])
         baselines.append({**b, "status": status, "score": score})
 
@@ -150,20 +160,16 @@ def build_report(led: Ledger, grid: str, metric: str | None = None,
         # Stages shared by several cells (SFT, SFT-only points) count once here.
         "gpu_hours": sum(compute.get(s, {}).get("gpu_hours") or 0.0 for s in used),
         "cpu_hours": sum(compute.get(s, {}).get("cpu_hours") or 0.0 for s in used),
-        "gpu_hour_usd": g["settings"].get("costs", {}).get("gpu_hour_usd"),
+        "gpu_hour_usd": g.settings.get("costs", {}).get("gpu_hour_usd"),
     }
     needed = _needed(cells, chains, stages)
     # Unique stages still to run: a shared SFT stage needed by several points counts once.
     totals["stages_to_run"] = len({s for c in cells if c["status"] != COMPLETED
                                    for s in chains.get(c["point_id"], ()) if s and
-                                   (s not in stages or stages[s]["state"] != COMPLETED)})
+                                   (s not in stages or stages[s].state != COMPLETED)})
     return Report(grid=grid, metric=metric, unit=own.get("unit", "examples"), costs=new_costs,
                   repriced=repriced, cells=cells, groups=groups, best=_best(groups),
                   baselines=baselines, totals=totals, needed=needed)
-
-
-def _points(led: Ledger, ids) -> list[dict]:
-    return led._select_in("SELECT * FROM points WHERE point_id IN ({})", list(ids))
 
 
 def _groups(cells: list[dict]) -> list[dict]:
@@ -215,7 +221,7 @@ def _needed(cells, chains, stages) -> list[dict]:
             continue
         if c["point_id"] not in out:
             todo = [s for s in chains.get(c["point_id"], ()) if s and
-                    (s not in stages or stages[s]["state"] != COMPLETED)]
+                    (s not in stages or stages[s].state != COMPLETED)]
             out[c["point_id"]] = {**{k: c[k] for k in ("task", "model", "method", "n_sft",
                                                        "n_pft", "seed", "point_id", "status")},
                                   "stages_to_run": len(todo), "budgets": []}
@@ -228,7 +234,7 @@ def _needed(cells, chains, stages) -> list[dict]:
 
 # -- metric -------------------------------------------------------------------------------------
 def _choose_metric(led, grid, metric, stages, eval_ids) -> str:
-    results = [stages[s].get("result") for s in eval_ids if s in stages]
+    results = [stages[s].result for s in eval_ids if s in stages]
     results = [r for r in results if isinstance(r, dict)]
     recorded = sorted({n for ms in led.metrics([s for s in eval_ids if s in stages]).values()
                        for n in ms})
@@ -246,10 +252,10 @@ def _task_primary(led, grid) -> str:
     """The primary metric the grid's first task declares (before any result exists)."""
     from budgetlab.tasks import _REGISTRY
 
-    task = led._rows("SELECT task FROM cells WHERE grid = ? LIMIT 1", (grid,))
-    if not task or task[0]["task"] not in _REGISTRY:
+    task = led.first_task(grid)
+    if task not in _REGISTRY:
         return "score"
-    module, cls = _REGISTRY[task[0]["task"]].split(":")
+    module, cls = _REGISTRY[task].split(":")
     return getattr(importlib.import_module(module), cls).primary_metric or "score"
 
 
@@ -276,11 +282,13 @@ def parse_costs(text: str) -> dict:
     return out
 
 
-def _reprice(led: Ledger, g: dict, rows: list[dict], costs: dict):
+def _reprice(led: Ledger, g, rows: list, costs: dict):
     """Map each cell to the point its budget buys at `costs`.
 
-    The plan is rebuilt from the grid's stored spec with the new costs; points are
-    content-addressed, so a point id found in the ledger is exactly a measured point."""
+    The plan is rebuilt from the grid's spec as resolved at registration (paths, content
+    hashes, revisions), with the new costs: points are content-addressed, so a point id
+    found in the ledger is exactly a measured point. Nothing is read from the filesystem,
+    so a data file moved since does not change the answer."""
     from budgetlab.graph import build_plan
 
     spec = _stored_spec(g)
@@ -291,36 +299,33 @@ def _reprice(led: Ledger, g: dict, rows: list[dict], costs: dict):
               for c in plan.cells}
     out = []
     for r in rows:
-        c = by_key.get((r["task"], r["model"], r["budget"], r["sft_fraction"], r["method"],
-                        r["seed"]))
+        c = by_key.get((r.task, r.model, r.budget, r.sft_fraction, r.method, r.seed))
         if c is None:  # the stored spec no longer matches the registered cells
-            raise BadInput(f"grid {g['name']!r}: the stored spec does not produce cell "
-                           f"{r['task']}/{r['method']}/budget {r['budget']:g}/share "
-                           f"{r['sft_fraction']:g}"
+            raise BadInput(f"grid {g.name!r}: the stored spec does not produce cell "
+                           f"{r.task}/{r.method}/budget {r.budget:g}/share {r.sft_fraction:g}"
                            f"; register the grid again")
         # build_plan bought (c.n_sft, c.n_pft) with budgetlab.alloc.allocate at the new costs.
-        out.append({**r, "n_sft": c.n_sft, "n_pft": c.n_pft, "point_id": c.point_id,
-                    "annotation_cost": annotation_cost(c.n_sft, c.n_pft, costs["sft"],
-                                                       costs["pair"])})
+        out.append(dataclasses.replace(
+            r, n_sft=c.n_sft, n_pft=c.n_pft, point_id=c.point_id,
+            annotation_cost=annotation_cost(c.n_sft, c.n_pft, costs["sft"], costs["pair"])))
     chains = {p.point_id: (p.sft_stage_id, p.pft_stage_id, p.eval_stage_id)
               for p in plan.points.values()}
     return out, chains
 
 
-def _stored_spec(g: dict):
-    """The grid's spec as registered (the text in the ledger, not today's file)."""
-    from budgetlab.spec import parse_spec
+def _stored_spec(g):
+    """The grid's spec as registered: the resolved spec the ledger keeps. Ledgers written
+    before it was kept fall back to parsing the stored text here (which reads the files)."""
+    from budgetlab.spec import GridSpec, parse_spec
 
-    text, path = g.get("spec_text") or "", g.get("spec_path") or "<spec>"
+    if g.resolved is not None:
+        return GridSpec.from_dict(g.resolved, text=g.spec_text or "")
+    text, path = g.spec_text or "", g.spec_path or "<spec>"
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise BadInput(f"grid {g['name']!r}: stored spec is not valid TOML ({e})") from None
-    # Relative model/data paths were resolved against the directory the grid was registered
-    # from; try here first, then the spec's own directory.
-    tries = [Path.cwd()]
-    if path != "<spec>":
-        tries.append(Path(path).parent)
+        raise BadInput(f"grid {g.name!r}: stored spec is not valid TOML ({e})") from None
+    tries = [Path.cwd()] + ([Path(path).parent] if path != "<spec>" else [])
     err = None
     for d in tries:
         try:
@@ -328,7 +333,7 @@ def _stored_spec(g: dict):
                 return parse_spec(raw, path, text)
         except (BadInput, FileNotFoundError) as e:
             err = e
-    raise BadInput(f"grid {g['name']!r}: cannot rebuild the stored spec to re-price ({err})")
+    raise BadInput(f"grid {g.name!r}: cannot rebuild the stored spec to re-price ({err})")
 
 
 # -- files ---------------------------------------------------------------------------------

@@ -6,13 +6,16 @@ Relative paths (models, data files) are resolved against the current directory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.util
 import math
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from budgetlab import hub
 from budgetlab.alloc import allocate
 from budgetlab.errors import BadInput
 
@@ -111,7 +114,8 @@ KIND_TRAIN = {
     "sft": {},
     "dpo": {"beta": _num(0, lo_open=True), "label_smoothing": _num(0, 0.5, hi_open=True)},
     "kto": {"beta": _num(0, lo_open=True), "desirable_weight": _num(0, lo_open=True),
-            "undesirable_weight": _num(0, lo_open=True)},
+            "undesirable_weight": _num(0, lo_open=True),
+            "batch_unit": _choice("pairs", "examples")},
 }
 TRAIN_DEFAULTS = {
     "finetune": "full", "max_length": 1024, "epochs": 2, "batch_size": 16,
@@ -122,23 +126,54 @@ TRAIN_DEFAULTS = {
 KIND_DEFAULTS = {
     "sft": {"lr": 5e-5},
     "dpo": {"lr": 5e-6, "beta": 0.1, "label_smoothing": 0.0},
-    "kto": {"lr": 5e-6, "beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
+    # batch_unit: what KTO's batch_size counts. "pairs" (each pair gives two KTO examples, so
+    # an optimizer step sees as many pairs as DPO's at the same batch_size, and the two take the
+    # same number of steps); "examples" is the meaning before the key existed (twice the steps).
+    "kto": {"lr": 5e-6, "beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0,
+            "batch_unit": "pairs"},
 }
+# A training key whose value is dropped from the stage's params (and so from its id): the
+# behaviour of stage specs written before the key existed. KTO stages planned before
+# batch_unit counted examples; they keep their ids, and "pairs" (the default) gets new ones.
+TRAIN_LEGACY = {"kto": {"batch_unit": "examples"}}
+def _text(v):
+    if not isinstance(v, str):
+        return f"expected a string, got {_show(v)}"
+
+
+def _prompt_template(v):
+    if not isinstance(v, str) or "{prompt}" not in v:
+        return f"expected a string containing {{prompt}}, got {_show(v)}"
+
+
 EVAL_KEYS = {
     "limit": _int(1), "max_new_tokens": _int(1), "batch_size": _int(1),
     "engine": _choice("hf", "vllm"), "baseline": _bool,
+    # The evaluation protocol (docs/evaluation.md): how prompts are framed and decoded.
+    "chat_template": _choice("auto", "tokenizer", "chatml", "none"),
+    "system_prompt": _text, "prompt_template": _prompt_template,
+    "temperature": _num(0), "top_p": _num(0, 1, lo_open=True), "seed": _int(0),
+    "samples": _int(1),
 }
 EVAL_DEFAULTS = {"limit": 500, "max_new_tokens": 256, "batch_size": 32, "engine": "hf",
                  "baseline": True}
+# Protocol keys at these values are dropped from the spec, so that an eval stage's id (which
+# hashes the [eval] keys) is the same whether a default is written out or left unset, and the
+# same as before these keys existed. system_prompt unset = the task's own.
+EVAL_PROTOCOL_DEFAULTS = {"chat_template": "auto", "prompt_template": "{prompt}",
+                          "temperature": 0.0, "top_p": 1.0, "seed": 0, "samples": 1}
 RESOURCE_KEYS = {
     "nodes": _int(1), "gpus_per_node": _int(0), "tasks_per_node": _int(1),
     "cpus_per_task": _int(1), "mem_gb": _num(0, lo_open=True), "time_min": _num(0, lo_open=True),
     "micro_batch_size": _int(1), "zero_stage": _int(0, 3), "checkpoint_every": _int(1),
     "keep_checkpoints": _int(1), "gradient_checkpointing": _bool,
+    # Requeues in a row without checkpoint progress before a job gives up (TIMEOUT).
+    "max_requeues": _int(0),
 }
 RESOURCE_DEFAULTS = {
     "nodes": 1, "gpus_per_node": 0, "cpus_per_task": 2, "mem_gb": 8, "time_min": 60,
     "micro_batch_size": 4, "zero_stage": 2, "checkpoint_every": 50, "keep_checkpoints": 2,
+    "max_requeues": 3,
 }
 SLURM_KEYS = {
     "partition": _sbatch_value, "account": _sbatch_value, "qos": _sbatch_value,
@@ -155,8 +190,22 @@ COSTS_KEYS = {
 }
 COSTS_DEFAULTS = {"unit": "examples", "sft_example": 1.0, "preference_pair": 1.0}
 GRID_KEYS = ("tasks", "models", "budgets", "sft_fractions", "methods", "seeds")
-TOP_KEYS = ("name", "grid", "costs", "train", "eval", "data", "resources", "slurm", "local")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _tags(v):
+    if not isinstance(v, list) or not all(isinstance(x, str) and 0 < len(x) <= 64 for x in v):
+        return f"expected a list of strings of 1 to 64 characters, got {_show(v)}"
+
+
+# Experiment tracking (budgetlab.tracking): how runs are logged, never what they compute, so
+# not part of any stage id.
+TRACKING_KEYS = {
+    "backend": _choice("none", "wandb", "tensorboard"), "project": _sbatch_value,
+    "entity": _sbatch_value, "mode": _choice("online", "offline"), "tags": _tags,
+}
+TOP_KEYS = ("name", "grid", "costs", "train", "eval", "data", "resources", "slurm", "local",
+            "tracking")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.-]+)?$")  # org/name[@revision]
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz")
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,99}$")
 
@@ -175,12 +224,32 @@ class GridSpec:
     train: dict          # kind -> full hyper-parameters (defaults merged)
     eval: dict
     data: dict           # task -> {key: absolute path}
-    data_hashes: dict    # absolute path -> sha256 of the file
+    data_hashes: dict    # absolute path -> sha256 of the file; hub id -> "hub:id[@commit]"
     models_resolved: dict  # model ref as written -> canonical ref (abs path for local dirs)
     resources: dict      # kind -> resources (defaults merged)
     slurm: dict
     local: dict
+    # What stage ids hash: model ref -> canonical ref, with "@commit" for a hub model whose
+    # revision is known; task -> {data key -> content hash or hub identity} for every source
+    # the task reads (local overrides and the task's default hub sources).
+    model_ids: dict = field(default_factory=dict)
+    source_ids: dict = field(default_factory=dict)
+    tracking: dict = field(default_factory=lambda: {"backend": "none"})
     text: str = field(repr=False, default="")
+
+    def to_dict(self) -> dict:
+        """Everything the plan is built from, as JSON: the ledger keeps it, so that a grid is
+        re-planned (re-pricing) from what was registered, never from today's files."""
+        out = dataclasses.asdict(self)
+        out.pop("text")
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict, text: str = "") -> "GridSpec":
+        d = dict(d)
+        for k in ("tasks", "models", "budgets", "sft_fractions", "methods", "seeds"):
+            d[k] = tuple(d[k])
+        return cls(**d, text=text)
 
 
 class _Checker:
@@ -285,6 +354,7 @@ def parse_spec(raw: dict, file: str = "<spec>", text: str = "") -> GridSpec:
     train = _parse_train(c, c.table(raw.get("train", {}), "train"))
     ev = dict(EVAL_DEFAULTS)
     ev.update(c.values(c.table(raw.get("eval", {}), "eval"), "eval.", EVAL_KEYS))
+    _check_protocol(c, ev)
     resources = _parse_resources(c, c.table(raw.get("resources", {}), "resources"))
     for kind in TRAIN_KINDS:
         r = resources[kind]
@@ -298,6 +368,9 @@ def parse_spec(raw: dict, file: str = "<spec>", text: str = "") -> GridSpec:
     local = dict(LOCAL_DEFAULTS)
     local.update(c.values(c.table(raw.get("local", {}), "local"), "local.", LOCAL_KEYS))
     data, hashes = _parse_data(c, c.table(raw.get("data", {}), "data"), tasks, DATA_KEYS)
+    tracking = _parse_tracking(c, c.table(raw.get("tracking", {}), "tracking"))
+    model_ids = {m: hub.identity(ref, "model") if _HUB_ID.match(ref) else ref
+                 for m, ref in models_resolved.items()}
 
     return GridSpec(
         name=name, path=str(Path(file).resolve()) if file != "<spec>" else file,
@@ -305,8 +378,67 @@ def parse_spec(raw: dict, file: str = "<spec>", text: str = "") -> GridSpec:
         sft_fractions=tuple(float(f) for f in fractions), methods=tuple(methods),
         seeds=tuple(seeds), costs=costs, train=train, eval=ev, data=data, data_hashes=hashes,
         models_resolved=models_resolved, resources=resources, slurm=slurm, local=local,
-        text=text,
+        text=text, model_ids=model_ids, tracking=tracking,
+        source_ids={t: _source_ids(t, data.get(t, {}), hashes) for t in tasks},
     )
+
+
+def _check_protocol(c: _Checker, ev: dict) -> None:
+    """Cross-key checks of the evaluation protocol; defaults dropped (EVAL_PROTOCOL_DEFAULTS)."""
+    sampling = ev.get("temperature", 0.0) > 0
+    if ev.get("samples", 1) > 1 and not sampling:
+        c.fail("eval.samples", f"{ev['samples']} samples need temperature > 0 (greedy decoding "
+               "gives the same completion every time)")
+    for key in ("top_p", "seed"):
+        if key in ev and not sampling and ev[key] != EVAL_PROTOCOL_DEFAULTS[key]:
+            c.fail(f"eval.{key}", "only used when sampling: set temperature > 0")
+    if ev.get("chat_template") == "none" and ev.get("system_prompt"):
+        c.fail("eval.system_prompt", "needs a chat template (chat_template = \"none\")")
+    for key in ("temperature", "top_p"):      # 1 and 1.0 are the same setting (and id)
+        if key in ev:
+            ev[key] = float(ev[key])
+    for key, default in EVAL_PROTOCOL_DEFAULTS.items():
+        if key in ev and ev[key] == default:
+            del ev[key]
+
+def _parse_tracking(c: _Checker, raw: dict) -> dict:
+    tr = {"backend": "none", **c.values(raw, "tracking.", TRACKING_KEYS)}
+    backend = tr["backend"]
+    if backend == "none":
+        extra = sorted(set(tr) - {"backend"})
+        if extra:
+            c.fail(f"tracking.{extra[0]}", 'needs tracking.backend = "wandb" or "tensorboard"')
+        return tr
+    if backend == "wandb":
+        tr.setdefault("mode", "offline")   # compute nodes often have no network
+        if importlib.util.find_spec("wandb") is None:
+            c.fail("tracking.backend", "wandb is not installed (pip install 'budgetlab[wandb]')")
+    else:
+        for k in ("project", "entity", "mode"):
+            if k in tr:
+                c.fail(f"tracking.{k}", "is a W&B setting (tracking.backend is tensorboard)")
+        if importlib.util.find_spec("tensorboard") is None:
+            c.fail("tracking.backend", "tensorboard is not installed (pip install tensorboard)")
+    return tr
+
+
+def _source_ids(task: str, data: dict, hashes: dict) -> dict:
+    """Every source a task reads -> what identifies its content (see GridSpec.source_ids)."""
+    from budgetlab.tasks import default_sources
+
+    out = {}
+    for key, default in default_sources(task).items():
+        if key in data:
+            out[key] = hashes[data[key]]
+        elif isinstance(default, tuple):   # (hub id, config, split)
+            hub_id, config, split = default
+            kind = "model" if key == "reward_model" else "dataset"
+            out[key] = f"{hub.identity(hub_id, kind)}/{config or ''}/{split or ''}"
+        else:
+            out[key] = str(default)        # generated by budgetlab itself (builtin:...)
+    for key, path in data.items():         # overrides of keys with no default
+        out.setdefault(key, hashes[path])
+    return out
 
 
 def _resolve_model(c: _Checker, i: int, ref: str, builtins) -> str:
@@ -342,8 +474,13 @@ def _layered(c: _Checker, raw: dict, name: str, kinds, common_keys: dict, kind_k
 
 
 def _parse_train(c: _Checker, raw: dict) -> dict:
-    return _layered(c, raw, "train", TRAIN_KINDS, COMMON_TRAIN, KIND_TRAIN.get,
-                    lambda kind: {**TRAIN_DEFAULTS, **KIND_DEFAULTS[kind]})
+    train = _layered(c, raw, "train", TRAIN_KINDS, COMMON_TRAIN, KIND_TRAIN.get,
+                     lambda kind: {**TRAIN_DEFAULTS, **KIND_DEFAULTS[kind]})
+    for kind, legacy in TRAIN_LEGACY.items():
+        for key, value in legacy.items():
+            if train[kind].get(key) == value:
+                del train[kind][key]
+    return train
 
 
 def _parse_resources(c: _Checker, raw: dict) -> dict:
@@ -376,7 +513,8 @@ def _parse_data(c: _Checker, raw: dict, tasks, data_keys) -> tuple[dict, dict]:
                 hashes[str(p)] = _content_hash(p)
             elif _HUB_ID.match(value) and not value.endswith(_FILE_SUFFIXES):
                 data[task][key] = value  # another hub dataset/model: resolved by the worker
-                hashes[value] = f"hub:{value}"
+                hashes[value] = hub.identity(value, "model" if key == "reward_model"
+                                             else "dataset")
             else:
                 c.fail(f"data.{task}.{key}", f"{value!r} does not exist")
     return data, hashes

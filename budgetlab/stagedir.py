@@ -4,7 +4,10 @@
         spec.json        what to run (written by the CLI before submission)
         checkpoints/     resume state (the trainer's)
         model/           final Hugging Face weights
-        progress.json    heartbeat: step, loss, tokens, time (rewritten atomically)
+        progress.json    heartbeat: phase, step, total_steps, loss, lr, tokens, tokens_per_s,
+                         started_at/start_step (this attempt's loop: the ETA), heartbeat time
+                         (rewritten atomically; advisory)
+        tracking.json    the stage's tracking run, when the grid tracks (budgetlab.tracking)
         result.json      written last, atomically; its presence means "complete"
         error.json       the worker's own error record when it fails (type, message, outcome)
         log/             stdout/stderr of attempts

@@ -6,6 +6,10 @@ runs each stage in order (a training stage, then the eval stage of the same job)
 process or as one rank of N (rank and world size from submitit/SLURM/torchrun variables).
 A stage whose result.json is valid is skipped, so a requeued job resumes where it stopped.
 Only rank 0 writes result.json / error.json. Workers never open the ledger.
+
+The process's exit code is the first stage's (the training stage's): children in other jobs
+wait for it (`aftercorr`), and an eval that fails after its training stage completed must not
+keep them waiting for ever. That eval's failure is in its own error.json, which sync reads.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def classify_exception(exc: BaseException) -> str:
 
 def run_one(stage: StageDir) -> dict | None:
     """Run one stage directory; returns its result (rank 0) or None (other ranks)."""
-    from budgetlab import dist
+    from budgetlab import dist, tracking
 
     spec = stage.read_spec()
     env = dist.from_environment()
@@ -44,7 +48,13 @@ def run_one(stage: StageDir) -> dict | None:
     else:
         raise ValueError(f"{stage.spec_path}: unknown stage kind {kind!r}")
     start = time.time()
-    result = run_stage(stage, spec, env)
+    tracker = tracking.open_tracker(spec, stage.root, env.rank)   # NULL unless tracked, rank 0
+    try:
+        result = (run_stage(stage, spec, env) if kind == "eval"
+                  else run_stage(stage, spec, env, tracker=tracker))
+    except BaseException:
+        tracker.finish(ok=False)
+        raise
     if env.rank != 0:
         return None
     result = dict(result)
@@ -53,8 +63,25 @@ def run_one(stage: StageDir) -> dict | None:
     result.setdefault("wall_seconds", time.time() - start)
     result.setdefault("world_size", env.world_size)
     result.setdefault("metrics", {})
-    stage.write_result(result)
+    try:
+        stage.write_result(result)
+    finally:
+        tracker.summary(tracking.result_metrics(result))
+        tracker.finish(ok=True)
     return result
+
+
+def free_training_memory() -> None:
+    """Between a training stage and the eval of the same job: the training engine (model,
+    optimizer state, ZeRO buffers) is unreachable once run_one returns; collect it now, and
+    hand the CUDA caching allocator's blocks back so that the eval's engine (vLLM sizes its
+    KV cache from the free memory) gets the GPU."""
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def prepare_process(stage_dirs: list[str]) -> None:
@@ -79,6 +106,21 @@ def prepare_process(stage_dirs: list[str]) -> None:
             sys.modules["torch"].set_num_threads(cpus)
 
 
+class Interrupted(Exception):
+    """The job's preemption/timeout signal arrived outside a training loop."""
+
+
+def is_interruption(exc: BaseException) -> bool:
+    """A stop on request (signal, preemption): the job requeues, it is not a failure."""
+    if isinstance(exc, Interrupted):
+        return True
+    try:
+        from budgetlab.train.checkpoint import TrainingInterrupted
+    except ImportError:
+        return False
+    return isinstance(exc, TrainingInterrupted)
+
+
 def _already_done(stage: StageDir) -> bool:
     try:
         return stage.read_result() is not None
@@ -87,38 +129,49 @@ def _already_done(stage: StageDir) -> bool:
 
 
 def run_stages(stage_dirs: list[str]) -> list[dict | None]:
-    """Run stages in order; the first failure stops the chain (later stages need it)."""
+    """Run stages in order. A failure of the first stage stops the job (later stages need
+    it) and raises; a later stage's failure is recorded in its error.json and the job goes on
+    (exit code 0: the first stage's outcome). An interruption always propagates (requeue)."""
     out: list[dict | None] = []
-    for d in stage_dirs:
+    rank = process_rank()
+    for i, d in enumerate(stage_dirs):
         stage = StageDir(Path(d).resolve())
         if _already_done(stage):
             out.append(stage.read_result())
             continue
+        if rank == 0:   # only rank 0 touches the error record: ranks never race on it
+            stage.error_path.unlink(missing_ok=True)
         try:
-            if stage.error_path.exists():
-                stage.error_path.unlink()
+            if i > 0:
+                free_training_memory()  # the previous stage's engine, before this one starts
             out.append(run_one(stage))
         except BaseException as exc:
-            if _rank() == 0 and not isinstance(exc, KeyboardInterrupt):
+            if is_interruption(exc) or isinstance(exc, KeyboardInterrupt):
+                raise
+            if rank == 0:
                 stage.write_error({
                     "type": type(exc).__name__,
-                    "message": redact(_last_line(exc)),
+                    "message": redact(last_line(exc)),
                     "outcome": classify_exception(exc),
                     "traceback": redact(traceback.format_exc()[-4000:]),
                     "time": time.time(),
                 })
-            raise
+            if i == 0:
+                raise
+            print(f"budgetlab worker: {stage.root.name} failed after the stage it evaluates "
+                  f"completed: {last_line(exc)}", file=sys.stderr, flush=True)
+            traceback.print_exc()
+            out.append(None)
     return out
 
 
-def _rank() -> int:
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+def process_rank() -> int:
+    """Global rank of this process (budgetlab.dist): only rank 0 writes result/error files."""
+    from budgetlab.dist import process_rank as rank
+    return rank()
 
 
-def _last_line(exc: BaseException) -> str:
+def last_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1] if text else ''}".strip()
 
@@ -132,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_stages(argv)
     except Exception as exc:  # the error record is written; the exit code tells the scheduler
-        print(f"budgetlab worker: {_last_line(exc)}", file=sys.stderr)
+        print(f"budgetlab worker: {last_line(exc)}", file=sys.stderr)
         traceback.print_exc()
         return 1
     finally:

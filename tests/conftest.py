@@ -61,3 +61,40 @@ def cli(tmp_path, monkeypatch):
     run.ledger_path = tmp_path / "ledger.db"
     run.workdir = tmp_path / "runs"
     return run
+
+
+def record_attempt(led, stage_id, outcome, *, executor="local", job_id=None, error=None,
+                   result=None, resources=None, job_name="t", **fields):
+    """Give a stage an attempt that ends in `outcome` through legal transitions (tests set
+    up ledgers this way; every write is checked by budgetlab.lifecycle). Returns its id."""
+    from budgetlab.lifecycle import Transition
+
+    new = {"executor": executor, "job_name": job_name, "resources": resources or {"time_min": 5},
+           **({"submitter": "elsewhere:1:1"} if job_id is None else {})}
+    if outcome == "SUBMITTING":
+        new.update(fields)
+    aid = led.apply(Transition(stage_id, "SUBMITTING", "test submit", new_attempt=new))
+    if job_id is not None:
+        led.apply(Transition(stage_id, "PENDING", "test job id", attempt_id=aid,
+                             fields={"job_id": job_id, **(fields if outcome == "PENDING" else {})}))
+    if outcome not in ("SUBMITTING", "PENDING"):
+        led.apply(Transition(stage_id, outcome, "test", attempt_id=aid, error=error,
+                             result=result, fields=fields))
+    return aid
+
+
+def block(led, stage_id, why="parent stage did not complete"):
+    from budgetlab.lifecycle import Transition
+    led.apply(Transition(stage_id, "BLOCKED", "test", error=why))
+
+
+def preemptor_args() -> list[str]:
+    """sbatch options of a job in `urgent` that takes every node of the cluster, so it
+    preempts a running batch job whichever node that runs on (clusters of 1 or more nodes)."""
+    import subprocess
+    rows = [line.split() for line in subprocess.run(
+        ["sinfo", "-h", "-p", "urgent", "-o", "%D %c"], capture_output=True, text=True,
+        check=True).stdout.splitlines() if line.strip()]
+    nodes = sum(int(n) for n, _ in rows)
+    cpus = min(int(c.rstrip("+")) for _, c in rows)   # every CPU of each node
+    return ["-p", "urgent", "-N", str(nodes), "--ntasks-per-node", "1", "-c", str(cpus)]

@@ -1,5 +1,5 @@
 """`budgetlab submit | sync | status | resubmit | cancel | logs`: thin wrappers over
-budgetlab.executors and budgetlab.sync (functions of the same names)."""
+budgetlab.Lab (methods of the same names); they parse and print."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import time
 
 import click
 
-from budgetlab.cli.common import console, echo_json, json_option, load_plan, main, pass_state
-from budgetlab.errors import BadInput
+from budgetlab.cli.common import console, echo_json, json_option, main, pass_state
 
 WATCH_MIN_S = 10.0   # --watch never asks SLURM more often than this
 
@@ -38,11 +37,7 @@ def _print_submit(res, as_json: bool) -> None:
 @pass_state
 def submit(state, grid, executor, as_json):
     """Register GRID's cells/points/stages and submit every pending stage; returns at once."""
-    from budgetlab.executors import submit as do_submit
-
-    plan = load_plan(grid)
-    led = state.ledger()
-    _print_submit(do_submit(led, plan, state.workdir, executor=executor), as_json)
+    _print_submit(state.lab().submit(grid, executor=executor), as_json)
 
 
 @main.command()
@@ -50,14 +45,13 @@ def submit(state, grid, executor, as_json):
 @pass_state
 def sync(state, as_json):
     """Read scheduler states and stage results into the ledger."""
-    from budgetlab.sync import sync as do_sync
-
-    rep = do_sync(state.ledger(create=False), state.workdir)
+    rep = state.lab().sync()
     if as_json:
         echo_json(rep.as_dict())
         return
-    click.echo(f"synced {rep.attempts} unfinished attempt(s): {rep.changed} changed "
-               f"({rep.completed} completed, {rep.failed} failed, {rep.blocked} blocked); "
+    click.echo(f"synced {rep.attempts} open attempt(s): {rep.changed} changed "
+               f"({rep.completed} completed, {rep.failed} failed, {rep.blocked} blocked, "
+               f"{rep.ready} ready again, {rep.released} released); "
                f"sacct calls: {rep.sacct_calls}")
 
 
@@ -90,7 +84,14 @@ def _status_table(st: dict):
     bar.add_row(ProgressBar(total=max(1, st["stages_total"]), completed=st["stages_completed"],
                             width=50),
                 f"{100 * st['stages_completed'] / max(1, st['stages_total']):.0f}% of stages")
-    return Group(t, s, bar)
+    from budgetlab.cli.live import running_table, tracking_lines
+
+    parts = [t, s, bar]
+    running = running_table(st)
+    if running is not None:
+        parts.append(running)
+    parts += tracking_lines(st)
+    return Group(*parts)
 
 
 @main.command()
@@ -103,20 +104,11 @@ def _status_table(st: dict):
 @pass_state
 def status(state, grid, watch, interval, no_sync, as_json):
     """Sync, then stages by kind and state, points done, GPU-hours, spend, per grid."""
-    from budgetlab.sync import status as grid_status
-    from budgetlab.sync import sync as do_sync
-
-    led = state.ledger(create=False)
-    grids = [grid] if grid else [g["name"] for g in led.grids()]
-    if grid:
-        led.grid(grid)
-    if not grids:
-        raise BadInput(f"{state.ledger_path}: no grid registered yet (budgetlab submit GRID)")
+    lab = state.lab()
 
     def snapshot():
-        if not no_sync:
-            do_sync(led, state.workdir)
-        return [grid_status(led, g) for g in grids]
+        sts = lab.status(grid, sync=not no_sync)
+        return [sts] if grid else sts
 
     if not watch:
         sts = snapshot()
@@ -151,22 +143,14 @@ def status(state, grid, watch, interval, no_sync, as_json):
 @pass_state
 def resubmit(state, grid, states, executor, dry_run, as_json):
     """Failed stages again (with escalation) and the blocked stages below them."""
-    from budgetlab.executors import resubmit as do_resubmit
-    from budgetlab.ledger import FAILED_DEFAULT
-    from budgetlab.sync import sync as do_sync
-
-    led = state.ledger(create=False)
-    chosen = tuple(x.strip().upper() for s in states for x in s.split(",") if x.strip()) \
-        or FAILED_DEFAULT
-    if not dry_run:
-        do_sync(led, state.workdir)
-    res, notes = do_resubmit(led, state.workdir, grid=grid, states=chosen, executor=executor,
-                             dry_run=dry_run)
+    res, notes = state.lab().resubmit(grid, states=states, executor=executor, dry_run=dry_run)
     if as_json:
         echo_json({"dry_run": dry_run, **res.as_dict(), "changes": notes})
         return
     for n in notes:
         ch = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in n["changes"].items()) or "as before"
+        if n.get("refused"):
+            ch = n["refused"]
         click.echo(f"{n['stage_id']} {n['kind']:4} {n['outcome']:13} {ch}")
     if dry_run:
         click.echo(f"dry run: {sum(len(u.stages) for u in res.units)} stage(s) in "
@@ -182,15 +166,12 @@ def resubmit(state, grid, states, executor, dry_run, as_json):
 @pass_state
 def cancel(state, grid, point, as_json):
     """scancel queued/running work of a grid (or one point); the ledger keeps the record."""
-    from budgetlab.executors import cancel as do_cancel
-
-    led = state.ledger(create=False)
-    atts = do_cancel(led, state.workdir, grid=grid, point=point)
+    atts = state.lab().cancel(grid, point=point)
     if as_json:
-        echo_json([{"stage_id": a["stage_id"], "job_id": a["job_id"]} for a in atts])
+        echo_json([{"stage_id": a.stage_id, "job_id": a.job_id} for a in atts])
         return
     click.echo(f"cancelled {len(atts)} attempt(s) in "
-               f"{len({a['job_id'] for a in atts if a['job_id']})} job(s)")
+               f"{len({a.job_id for a in atts if a.job_id})} job(s)")
 
 
 @main.command()
@@ -200,9 +181,7 @@ def cancel(state, grid, point, as_json):
 @pass_state
 def logs(state, ident, lines, as_json):
     """The log path and tail of a stage's or a point's latest attempt."""
-    from budgetlab.executors import logs as do_logs
-
-    out = do_logs(state.ledger(create=False), state.workdir, ident, lines=lines)
+    out = state.lab().logs(ident, lines=lines)
     if as_json:
         echo_json(out)
         return

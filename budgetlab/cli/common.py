@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from budgetlab import __version__
+from budgetlab.version import __version__
 from budgetlab.errors import BadInput, RuntimeFailure
 
 
@@ -23,9 +23,12 @@ class State:
     ledger_path: Path
     workdir: Path
 
-    def ledger(self, create: bool = True):
-        from budgetlab.ledger import Ledger
-        return Ledger(self.ledger_path, create=create)
+    def lab(self):
+        """The budgetlab.Lab every command calls (one per invocation)."""
+        if not hasattr(self, "_lab"):
+            from budgetlab.api import Lab
+            self._lab = Lab(ledger=self.ledger_path, workdir=self.workdir)
+        return self._lab
 
 
 class Group(click.Group):
@@ -82,14 +85,5 @@ def console():
 
 def load_plan(grid_path: str):
     """Parse + validate a grid spec and build its stage graph (BadInput on bad specs)."""
-    from budgetlab.graph import build_plan
-    from budgetlab.spec import load_spec
-    from budgetlab.tasks import TaskDataError, check_local_sources
-
-    spec = load_spec(grid_path)
-    for task, data in spec.data.items():
-        try:
-            check_local_sources(task, data)
-        except TaskDataError as e:
-            raise BadInput(f"{spec.path}: data.{task}: {e}") from None
-    return build_plan(spec)
+    from budgetlab.api import load_plan as load
+    return load(grid_path)

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import click
 
-from budgetlab.cli.common import console, echo_json, json_option, load_plan, main, pass_state
+from budgetlab.cli.common import console, echo_json, json_option, main, pass_state
 
 
 @main.command()
 @click.argument("grid", type=click.Path(dir_okay=False))
 @json_option
-def plan(grid, as_json):
+@pass_state
+def plan(state, grid, as_json):
     """Points, unique stages, shared SFT, annotation spend, GPU-hours. Writes nothing."""
-    from budgetlab.estimate import plan_summary
-
-    summary = plan_summary(load_plan(grid))
+    summary = state.lab().plan(grid)
     if as_json:
         echo_json(summary)
         return
@@ -72,19 +72,13 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _grid_filter(led, grid):
-    return None if grid is None else set(led.grid_point_ids(grid))
-
-
 @ledger.command("points")
 @click.option("--grid", help="Only the points of this grid.")
 @json_option
 @pass_state
 def ledger_points(state, grid, as_json):
     """Points with the state of each of their stages."""
-    led = state.ledger(create=False)
-    ids = _grid_filter(led, grid)
-    rows = led.points(ids) if ids is not None else led.points()
+    rows = state.lab().points(grid)
     _print_rows(rows, as_json, "points", ["point_id", "task", "model", "method", "n_sft",
                                           "n_pft", "seed", "sft_state", "pft_state",
                                           "eval_state"])
@@ -97,10 +91,7 @@ def ledger_points(state, grid, as_json):
 @pass_state
 def ledger_stages(state, grid, states, as_json):
     """Stages with their state, size and tokens."""
-    led = state.ledger(create=False)
-    if grid is not None:
-        led.grid(grid)
-    rows = led.stages(grid=grid, states=set(s.upper() for s in states) or None)
+    rows = [dataclasses.asdict(s) for s in state.lab().stages(grid, states=states or None)]
     if not as_json:
         for r in rows:
             r.pop("result", None)
@@ -114,8 +105,7 @@ def ledger_stages(state, grid, states, as_json):
 @pass_state
 def ledger_attempts(state, stage_id, as_json):
     """Every try of every stage: job, times, outcome, GPU-seconds."""
-    led = state.ledger(create=False)
-    rows = led.attempts(stage_id=stage_id)
+    rows = [a.as_dict() for a in state.lab().attempts(stage_id)]
     _print_rows(rows, as_json, "attempts", ["attempt_id", "stage_id", "executor", "job_id",
                                             "raw_state", "outcome", "exit_code", "nodes",
                                             "gpu_seconds", "cpu_seconds", "tokens", "error"])
@@ -127,9 +117,7 @@ def ledger_attempts(state, stage_id, as_json):
 @pass_state
 def ledger_spend(state, grid, as_json):
     """Annotation spend and compute per grid and method."""
-    from budgetlab.summaries import spend
-
-    rows = spend(state.ledger(create=False), grid)
+    rows = state.lab().spend(grid)
     _print_rows(rows, as_json, "spend", ["grid", "task", "method", "cells", "unit",
                                          "annotation_cost", "gpu_hours", "cpu_hours",
                                          "compute_usd"])
@@ -143,5 +131,13 @@ def ledger_sql(state, query, as_json):
     """Run one read-only SELECT (writes, ATTACH and writable PRAGMAs are refused)."""
     from budgetlab.ledger import query_readonly
 
-    cols, rows = query_readonly(state.ledger_path, query)
+    cols, rows = query_readonly(state.ledger_path, query)   # the columns even with no row
     _print_rows([dict(zip(cols, r)) for r in rows], as_json, "rows", cols)
+
+
+@ledger.command("metadata")
+@pass_state
+def ledger_metadata(state):
+    """Datasette metadata for this ledger's tables and columns (JSON on stdout):
+    `budgetlab ledger metadata > meta.json && datasette ledger.db --metadata meta.json`."""
+    echo_json(state.lab().metadata())

@@ -1,9 +1,8 @@
-"""`budgetlab report`, `budgetlab recommend` and `budgetlab run`: parse, call
-budgetlab.report / recommend / plot (and the executor for run), print."""
+"""`budgetlab report`, `budgetlab recommend` and `budgetlab run`: parse, call budgetlab.Lab
+(methods of the same names) and budgetlab.plot, print."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import click
 
@@ -16,30 +15,8 @@ cost_option = click.option(
 metric_option = click.option("--metric", help="The metric to report (default: the task's primary).")
 
 
-def grid_name(grid: str) -> str:
-    """GRID is a grid spec file (its name is used) or a grid name in the ledger."""
-    p = Path(grid)
-    if p.suffix == ".toml" or p.is_file():
-        from budgetlab.spec import load_spec
-        return load_spec(p).name
-    return grid
-
-
 sync_option = click.option("--sync", "do_sync", is_flag=True,
                            help="Sync scheduler states and results into the ledger first.")
-
-
-def _report(state, grid, metric, cost, do_sync=False):
-    from budgetlab.report import build_report, parse_costs
-
-    costs = parse_costs(cost) if cost is not None else None
-    led = state.ledger(create=False)
-    name = grid_name(grid)
-    if do_sync:
-        from budgetlab.sync import sync
-        led.grid(name)  # an unknown grid is bad input before anything is written
-        sync(led, state.workdir)
-    return build_report(led, name, metric=metric, costs=costs)
 
 
 @main.command()
@@ -57,7 +34,7 @@ def report(state, grid, metric, cost, csv_path, plot_path, do_sync, as_json):
 
     GRID is the grid's spec file or its name in the ledger. The report reads the ledger as
     it is; --sync first brings in what finished since the last sync."""
-    rep = _report(state, grid, metric, cost, do_sync)
+    rep = state.lab().report(grid, metric=metric, cost=cost, sync=do_sync)
     if csv_path:
         from budgetlab.report import write_csv
         try:
@@ -88,9 +65,7 @@ def report(state, grid, metric, cost, csv_path, plot_path, do_sync, as_json):
 @pass_state
 def recommend(state, grid, budget, metric, cost, top, do_sync, as_json):
     """The best split at a budget from the measured points, and the next runs worth paying for."""
-    from budgetlab.recommend import recommend as advise
-
-    rec = advise(_report(state, grid, metric, cost, do_sync), budget, top=top)
+    rec = state.lab().recommend(grid, budget, metric=metric, cost=cost, top=top, sync=do_sync)
     for a in rec["answers"]:
         if a["warning"]:
             click.echo(f"budgetlab: warning: {a['warning']}", err=True)
@@ -114,66 +89,60 @@ def run(state, grid, timeout_s, poll_s, metric, plot_path):
     """Register GRID, run it on the local executor with a progress bar, print the report.
 
     Exit code 1 if a stage failed (the report still shows everything that ran)."""
-    from budgetlab.cli.common import load_plan
     from budgetlab.errors import RuntimeFailure
-    from budgetlab.executors import submit
-    from budgetlab.ledger import FINISHED
 
-    plan = load_plan(grid)
-    led = state.ledger()
-    res = submit(led, plan, state.workdir, executor="local")
     err = console_err()
-    err.print(f"{plan.name}: {len(plan.cells)} cells, {len(plan.stages)} stages "
-              f"({sum(len(u.stages) for u in res.units)} to run in {len(res.units)} local "
-              f"jobs); ledger {state.ledger_path}, workdir {state.workdir}")
+
+    def submitted(plan, res):
+        err.print(f"{plan.name}: {len(plan.cells)} cells, {len(plan.stages)} stages "
+                  f"({sum(len(u.stages) for u in res.units)} to run in {len(res.units)} local "
+                  f"jobs); ledger {state.ledger_path}, workdir {state.workdir}")
+    failure = None
+    name = None
     try:
-        st = _wait_with_progress(led, state.workdir, plan.name, poll_s, timeout_s, err, FINISHED)
+        with live_progress(err) as update:
+            def progress(st):
+                nonlocal name
+                name = st["grid"]
+                update(st)
+            try:
+                rep = state.lab().run(grid, timeout=timeout_s, poll=poll_s, metric=metric,
+                                      on_submit=submitted, on_progress=progress)
+            except RuntimeFailure as e:
+                if not hasattr(e, "report"):
+                    raise
+                failure, rep = e, e.report
     except KeyboardInterrupt:
+        who = name or grid
         click.echo(f"budgetlab: interrupted: the local jobs keep running; `budgetlab status "
-                   f"{plan.name}` follows them, `budgetlab cancel {plan.name}` stops them",
-                   err=True)
+                   f"{who}` follows them, `budgetlab cancel {who}` stops them", err=True)
         raise click.exceptions.Exit(130) from None
-    rep = _report(state, plan.name, metric, None)
     print_report(rep)
     if plot_path:
         from budgetlab.plot import plot_report
         plot_report(rep, plot_path)
         click.echo(f"plot written to {plot_path}")
+    st = rep.status
     if st["active"]:
         click.echo(f"stopped waiting after {timeout_s:g} s: {st['active']} stage(s) still "
-                   f"queued or running (see `budgetlab status {plan.name}`)", err=True)
-    failed = {s: n for v in st["stages"].values() for s, n in v.items()
-              if s in FINISHED and s != "COMPLETED"}
-    if failed:
-        raise RuntimeFailure(f"{plan.name}: " + ", ".join(f"{n} stage(s) {s}" for s, n in
-                                                          sorted(failed.items()))
-                             + f" (see `budgetlab status {plan.name}`, `budgetlab logs ID`)")
+                   f"queued or running (see `budgetlab status {rep.grid}`)", err=True)
+    _print_tracking(st, err=True)
+    if failure is not None:
+        raise failure
 
 
-def _wait_with_progress(led, workdir, grid, poll_s, timeout_s, err, finished):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn)
+def live_progress(con):
+    """A context manager giving update(status_dict): a rich Live view with the progress bar
+    of the grid's stages and a table of the running ones (step / total, loss, tokens/s,
+    ETA)."""
+    from budgetlab.cli.live import LiveStatus
+    return LiveStatus(con)
 
-    from budgetlab.executors import wait
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("stages"), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task("running", total=None)
-
-        def update(st):
-            states: dict[str, int] = {}
-            for per_kind in st["stages"].values():
-                for s, n in per_kind.items():
-                    states[s] = states.get(s, 0) + n
-            done = sum(n for s, n in states.items() if s in finished)
-            bad = done - states.get("COMPLETED", 0)
-            running = states.get("RUNNING", 0)
-            bar.update(task, total=st["stages_total"], completed=done,
-                       description=f"{grid}: {running} running"
-                                   + (f", [red]{bad} failed[/]" if bad else ""))
-
-        return wait(led, workdir, grid, poll_s=poll_s, timeout_s=timeout_s, on_sync=update)
+def _print_tracking(st: dict, err: bool = False) -> None:
+    from budgetlab.cli.live import tracking_lines
+    for line in tracking_lines(st):
+        click.echo(line, err=err)
 
 
 def console_err():

@@ -128,3 +128,11 @@ def _check_jsonl_lines(path) -> None:
         if not isinstance(row, dict):
             raise TaskDataError(f"{path}: line {i}: expected a JSON object, got "
                                 f"{type(row).__name__}")
+
+
+def default_sources(name: str) -> dict:
+    """A task's default source per data key: (hub id, config, split) or "builtin:...";
+    what a stage id hashes when the grid does not replace the source."""
+    module, cls = _REGISTRY[name].split(":")
+    task = getattr(importlib.import_module(module), cls)
+    return {**task.sources, **getattr(task, "model_sources", {})}

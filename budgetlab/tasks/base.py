@@ -20,7 +20,7 @@ REQUIRED = {
     "preferences": ("prompt", "chosen", "rejected"),
     "eval": ("prompt",),
 }
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w.-]+)?$")
 
 
 class MissingField(KeyError):
@@ -60,6 +60,7 @@ class Task:
         self.skipped: dict[str, int] = {}          # data key -> rows skipped as bad
         self.removed_eval_overlap: dict[str, int] = {}
         self._cache: dict[str, list[dict]] = {}
+        self.device: str | None = None   # where a scorer model runs (the eval stage sets it)
 
     # ---- pools ---------------------------------------------------------------------
     def sft_pool(self) -> list[dict]:
@@ -209,6 +210,10 @@ def load_source(source: str, what: str) -> list[dict]:
 
 
 def load_hub(hub_id: str, config: str | None, split: str) -> list[dict]:
+    """A hub dataset's split; "org/name@rev" loads that revision (stage ids hash it)."""
     from datasets import load_dataset
 
-    return load_dataset(hub_id, config, split=split).to_list()
+    from budgetlab.hub import split_ref
+
+    name, revision = split_ref(hub_id)
+    return load_dataset(name, config, split=split, revision=revision).to_list()

@@ -13,8 +13,35 @@ import re
 
 from budgetlab.tasks.base import Task, field
 
-_STRICT = re.compile(r"####\s*\$?\s*(-?[0-9][0-9.,]*)")
-_NUMBER = re.compile(r"-?\$?[0-9][0-9.,]*")
+# lm-evaluation-harness, tasks/gsm8k/gsm8k.yaml (0.4.x): the two filters and the exact_match
+# normalisation, reproduced here so that evaluation needs no lm-eval at run time
+# (tests/tasks/test_gsm8k_harness.py checks per-item agreement with the harness's own code).
+STRICT_PATTERN = r"#### (\-?[0-9\.\,]+)"                  # "strict-match", take_first
+FLEXIBLE_PATTERN = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"          # "flexible-extract", group_select -1
+REGEXES_TO_IGNORE = (",", "\\$", "(?s).*#### ", "\\.$")     # exact_match, ignore_case
+FALLBACK = "[invalid]"
+_STRICT = re.compile(STRICT_PATTERN)
+_FLEXIBLE = re.compile(FLEXIBLE_PATTERN)
+_IGNORE = tuple(re.compile(r) for r in REGEXES_TO_IGNORE)
+
+
+def extract(pattern: re.Pattern, text: str, group_select: int) -> str:
+    """The harness's RegexFilter on one response: the group_select-th match; of a match with
+    several groups, the first non-empty one; stripped; FALLBACK when nothing matches."""
+    matches = pattern.findall(text)
+    if not matches:
+        return FALLBACK
+    match = matches[group_select]
+    if isinstance(match, tuple):
+        match = next((m for m in match if m), FALLBACK)
+    return match.strip()
+
+
+def harness_normalize(text: str) -> str:
+    """exact_match's normalisation with gsm8k's regexes_to_ignore and ignore_case."""
+    for r in _IGNORE:
+        text = r.sub("", text)
+    return text.lower()
 
 
 def normalize_number(text: str) -> str:
@@ -28,13 +55,21 @@ def normalize_number(text: str) -> str:
 
 
 def score_numeric(prediction: str, answer: str) -> dict[str, float]:
-    """Exact match of the number after '####' (strict) and of the last number (flexible)."""
-    target = normalize_number(answer)
-    strict = _STRICT.search(prediction)
-    numbers = _NUMBER.findall(prediction)
+    """GSM8k as lm-evaluation-harness scores it, plus a lenient numeric metric:
+
+    strict_match      the first '#### <number>' equals the answer after the harness's
+                      normalisation (drop ',', '$', a trailing '.'; case-insensitive)
+    flexible_extract  the last number-like span (harness 'flexible-extract') likewise
+    numeric_match     the number after '####' (spaces and '$' allowed) equals the answer as a
+                      number ('#### 18.00' counts for 18); budgetlab's own, not the harness's
+    """
+    target = harness_normalize(answer)
+    lenient = re.search(r"####\s*\$?\s*(-?[0-9][0-9.,]*)", prediction)
     return {
-        "exact_match_strict": float(bool(strict) and normalize_number(strict.group(1)) == target),
-        "exact_match_flexible": float(bool(numbers) and normalize_number(numbers[-1]) == target),
+        "strict_match": float(harness_normalize(extract(_STRICT, prediction, 0)) == target),
+        "flexible_extract": float(harness_normalize(extract(_FLEXIBLE, prediction, -1)) == target),
+        "numeric_match": float(bool(lenient) and normalize_number(lenient.group(1))
+                               == normalize_number(answer)),
     }
 
 
@@ -47,7 +82,7 @@ def _text_list(row: dict, name: str) -> list[str]:
 
 class GSM8K(Task):
     name = "gsm8k"
-    primary_metric = "exact_match_strict"
+    primary_metric = "strict_match"
     max_new_tokens = 512
     stop_strings = ("Question:",)
     system_prompt = ("Solve the maths problem step by step. End with the final numeric answer "

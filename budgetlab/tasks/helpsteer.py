@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from itertools import combinations
 
+from budgetlab.tasks.errors import TaskDataError
 from budgetlab.tasks.base import Task, field
 
 DEFAULT_REWARD_MODEL = "Ray2333/gpt2-large-helpful-reward_model"
@@ -41,6 +42,7 @@ class HelpSteer(Task):
         "preferences": ("nvidia/HelpSteer2", None, "train"),
         "eval": ("nvidia/HelpSteer2", None, "validation"),
     }
+    model_sources = {"reward_model": (DEFAULT_REWARD_MODEL, None, None)}
 
     def parse_sft(self, row):
         return super().parse_sft(row) if "helpfulness" not in row else _rated(row)
@@ -74,15 +76,19 @@ class HelpSteer(Task):
     def score(self, prediction, example):
         return self.score_batch([prediction], [example])[0]
 
-    def score_batch(self, predictions, examples, batch_size: int = 8):
+    def score_batch(self, predictions, examples, batch_size: int = 16):
+        """Rewards in batches, on the eval stage's GPU when it has one (Task.device)."""
         import torch
 
         tokenizer, model = self._reward_model()
+        device = self.device or "cpu"
+        if next(model.parameters()).device != torch.device(device):
+            model.to(device)
         rewards = []
         for i in range(0, len(predictions), batch_size):
             qs = [f"\n\nHuman: {e['prompt']} \n\nAssistant:" for e in examples[i:i + batch_size]]
             enc = tokenizer(qs, predictions[i:i + batch_size], return_tensors="pt", padding=True,
-                            truncation=True, max_length=1024)
+                            truncation=True, max_length=1024).to(device)
             with torch.no_grad():
                 rewards += model(**enc).logits[:, 0].float().tolist()
         return [{"reward": r} for r in rewards]
@@ -92,6 +98,7 @@ class HelpSteer(Task):
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
             ref = self.data.get("reward_model") or DEFAULT_REWARD_MODEL
+            ref = _reward_model_ref(ref)
             tokenizer = AutoTokenizer.from_pretrained(ref)
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
@@ -99,3 +106,14 @@ class HelpSteer(Task):
             model.config.pad_token_id = tokenizer.pad_token_id
             self._rm = (tokenizer, model)
         return self._rm
+
+
+def _reward_model_ref(ref: str) -> str:
+    """A local reward model directory that is not there (moved, an unmounted share) is
+    named with its spec key, not left to transformers' "Repo id must be ..." error."""
+    from budgetlab.models import ModelRefError, resolve
+
+    try:
+        return resolve(ref)
+    except ModelRefError as e:
+        raise TaskDataError(f"data.helpsteer.reward_model: {ref}: {e} (unreachable?)") from None

@@ -6,9 +6,13 @@ SFT: allenai/tulu-3-sft-personas-instruction-following ({"id", "prompt", "messag
 ({"key", "prompt", "instruction_id_list", "kwargs"}).
 
 The checks are Google's instruction classes as packaged by `if-verifiable` (PyPI, offline);
-all 25 IFEval instruction types are covered. One of them, length_constraints:number_sentences,
-needs NLTK's punkt data: where that is not installed it is counted as unscored
-("instructions_unscored") and left out of the denominators, never silently passed.
+all 25 IFEval instruction types are covered, and the per-prompt logic is lm-evaluation-harness's
+(tasks/ifeval/utils.py: kwargs with falsy values dropped, an empty response follows nothing,
+loose = the response or it without its first line, last line or both, each also without '*').
+tests/tasks/test_ifeval_harness.py checks agreement with the harness's own code.
+One type, length_constraints:number_sentences, needs NLTK's punkt data: where that is not
+installed the instruction is counted as not followed (it stays in every denominator) and
+reported as "instructions_uncheckable", never silently passed or dropped.
 """
 
 from __future__ import annotations
@@ -26,34 +30,34 @@ def _registry():
 
 
 def check_instructions(response: str, example: dict) -> dict[str, float]:
-    """Per-prompt counts for IFEval's strict and loose accuracy (Google's definitions)."""
+    """Per-prompt counts for IFEval's strict and loose accuracy, as the harness computes them."""
     from if_verifiable.common import get_loose_transformations
 
     registry = _registry()
-    variants = [v for v in get_loose_transformations(response) if v.strip()]
-    followed_strict = followed_loose = scored = 0
+    variants = get_loose_transformations(response)
+    followed_strict = followed_loose = uncheckable = 0
     for inst_id, kwargs in zip(example["instruction_id_list"], example["kwargs"]):
         checker = registry[inst_id](inst_id)
-        checker.build_description(**{k: v for k, v in (kwargs or {}).items() if v is not None})
+        checker.build_description(**{k: v for k, v in (kwargs or {}).items() if v})
         args = checker.get_instruction_args()
         if args and "prompt" in args:
             checker.build_description(prompt=example["prompt"])
         try:
             strict = bool(response.strip()) and bool(checker.check_following(response))
-            loose = strict or any(checker.check_following(v) for v in variants)
-        except LookupError:  # NLTK data missing on this machine
+            loose = strict or any(v.strip() and checker.check_following(v) for v in variants)
+        except LookupError:  # NLTK data missing on this machine: not followed, and said so
+            uncheckable += 1
             continue
-        scored += 1
         followed_strict += strict
-        followed_loose += loose
+        followed_loose += bool(loose)
     n = len(example["instruction_id_list"])
     return {
-        "prompt_level_strict_acc": float(scored > 0 and followed_strict == scored),
-        "prompt_level_loose_acc": float(scored > 0 and followed_loose == scored),
-        "instructions": float(scored),
+        "prompt_level_strict_acc": float(followed_strict == n),
+        "prompt_level_loose_acc": float(followed_loose == n),
+        "instructions": float(n),
         "instructions_followed_strict": float(followed_strict),
         "instructions_followed_loose": float(followed_loose),
-        "instructions_unscored": float(n - scored),
+        "instructions_uncheckable": float(uncheckable),
     }
 
 
@@ -101,8 +105,10 @@ class IFEval(Task):
     def aggregate(self, scores):
         out = super().aggregate(scores)
         total = sum(s["instructions"] for s in scores)
-        # Instruction-level accuracy is over all instructions (micro average), as in IFEval.
+        # Instruction-level accuracy is over all instructions (micro average), as in the harness.
         out["inst_level_strict_acc"] = sum(s["instructions_followed_strict"] for s in scores) / max(total, 1)
         out["inst_level_loose_acc"] = sum(s["instructions_followed_loose"] for s in scores) / max(total, 1)
-        out["instructions_unscored"] = sum(s["instructions_unscored"] for s in scores)
+        # Totals, not means: how many instructions there were and how many could not be checked.
+        out["instructions"] = total
+        out["instructions_uncheckable"] = sum(s["instructions_uncheckable"] for s in scores)
         return out

@@ -29,9 +29,9 @@ def load_rows(spec: dict, kind: str) -> tuple[list[dict], object]:
     return subset(pool, n, spec.get("seed", 0)), task
 
 
-def run_stage(stage, spec: dict, env) -> dict:
+def run_stage(stage, spec: dict, env, tracker=None) -> dict:
     """Run one training stage directory as this process's rank; returns the result dict
-    (the worker writes result.json on rank 0)."""
+    (the worker writes result.json on rank 0). tracker: budgetlab.tracking, rank 0."""
     from budgetlab.train import loop
     from budgetlab.train.config import TrainConfig
 
@@ -41,7 +41,8 @@ def run_stage(stage, spec: dict, env) -> dict:
     info = {"stage_id": spec.get("stage_id"), "base_model": spec.get("model"),
             "task": spec.get("task")}
     result = loop.run(stage, cfg, rows, env, init_model,
-                      format_prompt=getattr(task, "format_prompt", None), info=info)
+                      format_prompt=getattr(task, "format_prompt", None), info=info,
+                      tracker=tracker)
     result["stage_id"] = spec.get("stage_id")
     result["kind"] = cfg.kind
     return result

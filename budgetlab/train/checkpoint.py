@@ -1,7 +1,10 @@
 """Checkpoints under <stage>/checkpoints/step-NNNNNNNN/, written atomically, newest K kept.
 
 DeepSpeed saves model, optimizer and scheduler (every rank its own shard); we add each rank's
-RNG state and a meta.json (step, world size, ZeRO stage). All ranks write into a hidden
+RNG state and a meta.json (step, world size, ZeRO stage). A checkpoint written by N ranks
+resumes on M ranks: ZeRO 0 as it is (its optimizer state is not sharded), ZeRO 1-3 through
+DeepSpeed's universal checkpoint (ds_to_universal, converted once by rank 0 into
+step-N/universal/, then loaded with load_universal). A change of ZeRO stage is refused. All ranks write into a hidden
 .tmp-step-N directory; after a barrier rank 0 writes meta.json and renames it, so a directory
 named step-N is always complete. The data position is the step itself: the example order is
 a pure function of (seed, epoch), see data.plan_steps.
@@ -173,21 +176,28 @@ def load_latest(engine, ckpt_dir: Path, env, zero_stage: int) -> tuple[int, dict
         if zero != zero_stage:
             raise CheckpointMismatch(f"{path} was written with ZeRO stage {zero}, "
                                      f"this run uses stage {zero_stage}")
+        load_dir, load_tag, universal = path.parent, path.name, False
         if world != env.world_size and zero_stage > 0:
-            # ZeRO 1-3 shard the optimizer state by rank; DeepSpeed cannot re-shard it in place.
-            raise CheckpointMismatch(
-                f"{path} was written by {world} ranks with ZeRO stage {zero_stage}; "
-                f"resuming on {env.world_size} ranks needs the same number of ranks "
-                f"(or ZeRO stage 0, whose optimizer state is not sharded)")
+            # ZeRO 1-3 shard the optimizer state by rank: DeepSpeed's universal checkpoint
+            # (ds_to_universal) re-partitions it for this world size.
+            try:
+                load_dir, load_tag, universal = universal_copy(path, env), UNIVERSAL, True
+            except Exception as e:
+                raise CheckpointMismatch(
+                    f"{path} was written by {world} ranks with ZeRO stage {zero_stage} and "
+                    f"cannot be re-partitioned for {env.world_size} ranks: DeepSpeed's "
+                    f"ds_to_universal failed ({type(e).__name__}: {_first_line(e)}); resume "
+                    f"on {world} ranks, or resubmit from step 0") from None
         try:
-            _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                                     load_optimizer_states=True,
-                                                     load_lr_scheduler_states=True)
+            _, client_state = _load(engine, load_dir, load_tag, universal)
         except Exception as e:  # truncated shard: torch/DeepSpeed raise many types
             client_state = None
-            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            why = f"{type(e).__name__}: {_first_line(e)}"
         else:
             why = "DeepSpeed found nothing to load"
+        if client_state is not None and universal:
+            log.info("%s: written by %d ranks, resumed on %d through a universal checkpoint",
+                     path, world, env.world_size)
         if client_state is None:
             log.warning("%s: skipped: cannot be loaded (%s); trying the previous checkpoint",
                         path, why)
@@ -202,6 +212,76 @@ def load_latest(engine, ckpt_dir: Path, env, zero_stage: int) -> tuple[int, dict
                 log.warning("%s: RNG state unreadable (%s); resuming without it", rng, e)
         return step, client_state
     return None
+
+
+UNIVERSAL = "universal"   # <step dir>/universal: the same checkpoint, for any world size
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
+def universal_copy(path: Path, env) -> Path:
+    """Collective: rank 0 converts the checkpoint at `path` into DeepSpeed's universal format
+    (once: the copy stays next to the shards, at path/universal/) while the others wait.
+    Returns the directory to load tag UNIVERSAL from. Raises what the conversion raised."""
+    out = path / UNIVERSAL
+    failure = None
+    if env.rank == 0 and not (out / "zero").is_dir():
+        tmp = path / f".tmp-{UNIVERSAL}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            convert_to_universal(path, tmp)
+            os.replace(tmp, out)
+        except Exception as e:  # every rank must learn of it, not wait at the barrier
+            shutil.rmtree(tmp, ignore_errors=True)
+            failure = e
+    ok = _all_agree(failure is None)
+    if failure is not None:
+        raise failure
+    if not ok:
+        raise RuntimeError(f"rank 0 could not convert {path} to a universal checkpoint")
+    return path
+
+
+def convert_to_universal(src: Path, dest: Path) -> None:
+    """DeepSpeed's ds_to_universal on one checkpoint directory (ZeRO 1-3), in this process."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(src), output_folder=str(dest),
+                              num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):   # it prints every parameter name
+        ds_to_universal.main(args)
+
+
+def _all_agree(ok: bool) -> bool:
+    """Collective: True if every rank says ok (one process: ok itself)."""
+    if not dist.is_initialized():
+        return ok
+    import torch
+    import torch.distributed as td
+
+    t = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    td.all_reduce(t, op=td.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _load(engine, load_dir: Path, tag: str, universal: bool):
+    """engine.load_checkpoint, with DeepSpeed's load_universal switched on for this load only
+    (it is an engine setting: the config's checkpoint.load_universal)."""
+    cfg = engine._config
+    before = cfg.load_universal_checkpoint
+    cfg.load_universal_checkpoint = universal
+    try:
+        return engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                      load_lr_scheduler_states=True)
+    finally:
+        cfg.load_universal_checkpoint = before
 
 
 def newest_tag(ckpt_dir: Path) -> str | None:

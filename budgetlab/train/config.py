@@ -28,7 +28,11 @@ class TrainConfig:
     max_length: int = 1024
     epochs: int = 2
     lr: float = 5e-5
-    batch_size: int = 16              # examples (SFT, KTO) or pairs (DPO) per optimizer step
+    batch_size: int = 16              # SFT examples, DPO pairs, KTO per batch_unit, per step
+    # KTO: "pairs" (2 x batch_size KTO examples a step: DPO's pairs per step, DPO's step count)
+    # or "examples". Absent from a stage spec = "examples": such specs (and their stage ids)
+    # predate the key; grids write "pairs" explicitly (budgetlab.spec.TRAIN_LEGACY).
+    batch_unit: str = "examples"
     warmup_ratio: float = 0.1
     lr_scheduler: str = "cosine"      # any transformers.get_scheduler name
     weight_decay: float = 0.0
@@ -76,6 +80,12 @@ class TrainConfig:
         cfg.check()
         return cfg
 
+    @property
+    def examples_per_step(self) -> int:
+        """Training examples in one optimizer step (KTO pairs count as two examples)."""
+        pairs = self.kind == "kto" and self.batch_unit == "pairs"
+        return self.batch_size * (2 if pairs else 1)
+
     def check(self) -> None:
         def bad(key, why):
             raise ValueError(f"spec.json: {key}={getattr(self, key)!r} {why}")
@@ -111,7 +121,7 @@ class TrainConfig:
             bad("lora_dropout", "must be in [0, 1)")
         choices = {"finetune": ("full", "lora"), "truncation": ("truncate", "drop"),
                    "reference": ("precomputed", "online"), "zero_stage": (0, 1, 2, 3),
-                   "dtype": ("auto", "bf16", "fp32")}
+                   "dtype": ("auto", "bf16", "fp32"), "batch_unit": ("pairs", "examples")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"must be one of {', '.join(map(str, allowed))}")

@@ -96,7 +96,7 @@ def step_seconds(tmp_path_factory, tiny_model) -> float:
     sft = next(s for s in plan.stages.values() if s.kind == "sft")
     stage = StageDir.of(tmp / "runs", sft.stage_id)
     stage.write_spec(sft.spec_json(tmp / "runs"))
-    subprocess.run([sys.executable, "-m", "budgetlab.executors.job", str(stage.root)],
+    subprocess.run([sys.executable, "-m", "budgetlab.backends.job", str(stage.root)],
                    check=True, capture_output=True, timeout=600,
                    env={**os.environ, "DS_ACCELERATOR": "cpu"})
     res = json.loads(stage.result_path.read_text())

@@ -7,14 +7,17 @@ import time
 
 import pytest
 
+from budgetlab.backends.slurm import SlurmBackend, expand_job_id, sbatch_parameters
 from budgetlab.errors import BadInput
-from budgetlab.executors.core import Unit, escalate, plan_units
-from budgetlab.executors.slurm import SlurmBackend, expand_job_id, sbatch_parameters
 from budgetlab.graph import build_plan
 from budgetlab.ledger import Ledger
+from budgetlab.orchestrate import escalate, plan_units
 from budgetlab.spec import load_spec
 from budgetlab.stagedir import StageDir
-from budgetlab.sync import open_attempts, status, sync
+from budgetlab.status import status
+from budgetlab.sync import sync
+
+from tests.conftest import record_attempt
 
 
 def _ledger(tmp_path, grid_file, tiny_model, **kw):
@@ -31,11 +34,11 @@ def test_units_put_eval_in_its_training_job(tmp_path, grid_file, tiny_model):
     assert not blocked and not skipped
     assert sum(len(u.stages) for u in units) == len(plan.stages)
     for u in units:
-        assert all(s["kind"] == "eval" for s in u.stages[1:])
+        assert all(s.kind == "eval" for s in u.stages[1:])
         for s in u.stages[1:]:
-            assert s["parent_id"] == u.head["stage_id"]
-        if u.head["parent_id"]:
-            assert u.parent_unit is not None and u.parent_unit.head["stage_id"] == u.head["parent_id"]
+            assert s.parent_id == u.head.stage_id
+        if u.head.parent_id:
+            assert u.parent_unit is not None and u.parent_unit.head.stage_id == u.head.parent_id
     # No eval waits alone for a training stage of the same submission.
     assert not [u for u in units if u.kind == "eval" and u.parent_unit is not None]
 
@@ -73,6 +76,9 @@ def test_escalation():
     assert escalate({**r, "micro_batch_size": 1}, "CUDA_OOM")["micro_batch_size"] == 1
     assert escalate({**r, "exclude": "n1"}, "NODE_FAIL", "n2,n1")["exclude"] == "n1,n2"
     assert escalate(r, "FAILED") == r
+    # An eval's CUDA OOM halves its generation batch (on main: its micro batch, unused).
+    ev = {"time_min": 30, "mem_gb": 8, "micro_batch_size": 4, "batch_size": 32}
+    assert escalate(ev, "CUDA_OOM", kind="eval") == {**ev, "batch_size": 16}
 
 
 def test_expand_job_ids():
@@ -96,14 +102,9 @@ def test_sbatch_parameters_from_spec():
 
 # -- sync against local runner state files ----------------------------------------------------
 def _attempt(led, unit_stage_ids, job_id, executor="local", age=0.0):
-    ids = []
     with led.write():
-        for sid in unit_stage_ids:
-            aid = led.begin_attempt(sid, executor, {"time_min": 5}, job_name="t")
-            led.update_attempt(aid, job_id=job_id, outcome="PENDING",
-                               submitted_at=time.time() - age)
-            ids.append(aid)
-    return ids
+        return [record_attempt(led, sid, "PENDING", executor=executor, job_id=job_id,
+                               submitted_at=time.time() - age) for sid in unit_stage_ids]
 
 
 def _state(workdir, job_id, **st):
@@ -130,11 +131,11 @@ def test_sync_classifies_from_state_and_stage_dirs(tmp_path, grid_file, tiny_mod
     _state(wd, "L7", state="FAILED", exit_code="1:0", started_at=time.time() - 5,
            ended_at=time.time(), cpus=1)
     rep = sync(led, wd)
-    assert led.stage(sft.stage_id)["state"] == "FAILED"
-    assert led.latest_attempt(sft.stage_id)["error"] == "ValueError: bad row 3"
-    assert led.latest_attempt(sft.stage_id)["raw_state"] == "FAILED"
-    assert led.stage(ev.stage_id)["state"] == "BLOCKED"
-    assert rep.failed == 1 and rep.blocked == 1 and not open_attempts(led)
+    assert led.stage(sft.stage_id).state == "FAILED"
+    assert led.latest_attempt(sft.stage_id).error == "ValueError: bad row 3"
+    assert led.latest_attempt(sft.stage_id).raw_state == "FAILED"
+    assert led.stage(ev.stage_id).state == "BLOCKED"
+    assert rep.failed == 1 and rep.blocked == 1 and not led.open_attempts()
 
 
 def test_result_wins_and_corrupt_result_fails(tmp_path, grid_file, tiny_model):
@@ -148,15 +149,15 @@ def test_result_wins_and_corrupt_result_fails(tmp_path, grid_file, tiny_model):
     StageDir.of(wd, ev.stage_id).result_path.write_text('{"stage_id": "x", "metr')
     _state(wd, "L8", state="RUNNING", started_at=time.time() - 5, cpus=2)
     sync(led, wd)
-    assert led.stage(sft.stage_id)["state"] == "COMPLETED"      # the scheduler still says RUNNING
+    assert led.stage(sft.stage_id).state == "COMPLETED"      # the scheduler still says RUNNING
     assert led.metrics([sft.stage_id])[sft.stage_id] == {"loss": 1.5}
-    assert led.latest_attempt(sft.stage_id)["tokens"] == 99
-    assert led.stage(ev.stage_id)["state"] == "RUNNING"          # not judged while it runs
+    assert led.latest_attempt(sft.stage_id).tokens == 99
+    assert led.stage(ev.stage_id).state == "RUNNING"          # not judged while it runs
     _state(wd, "L8", state="COMPLETED", exit_code="0:0", started_at=time.time() - 5,
            ended_at=time.time(), cpus=2)
     sync(led, wd)
     att = led.latest_attempt(ev.stage_id)
-    assert att["outcome"] == "FAILED" and "invalid JSON" in att["error"]
+    assert att.outcome == "FAILED" and "invalid JSON" in att.error
     st = status(led, "g")
     assert st["stages"]["sft"]["COMPLETED"] == 1 and st["stages"]["eval"]["FAILED"] == 1
 
@@ -167,13 +168,10 @@ def test_unknown_job_becomes_missing_after_grace(tmp_path, grid_file, tiny_model
     sft, ev = _train_and_eval(plan)
     _attempt(led, [sft.stage_id], "L99")
     sync(led, wd)
-    assert led.stage(sft.stage_id)["state"] == "PENDING"   # too early to call it lost
-    with led.write():
-        led.update_attempt(led.latest_attempt(sft.stage_id)["attempt_id"],
-                           submitted_at=time.time() - 3600)
-    sync(led, wd)
+    assert led.stage(sft.stage_id).state == "PENDING"   # too early to call it lost
+    sync(led, wd, now=time.time() + 3600)
     att = led.latest_attempt(sft.stage_id)
-    assert att["outcome"] == "MISSING" and "no longer knows job L99" in att["error"]
+    assert att.outcome == "MISSING" and "no longer knows job L99" in att.error
 
 
 def test_never_satisfied_dependency_is_blocked(tmp_path, grid_file, tiny_model):
@@ -182,13 +180,13 @@ def test_never_satisfied_dependency_is_blocked(tmp_path, grid_file, tiny_model):
     dpo = next(s for s in plan.stages.values() if s.kind == "dpo")
     _attempt(led, [dpo.stage_id], "L5")
     _state(wd, "L5", state="PENDING", reason="DependencyNeverSatisfied")
-    sync(led, wd)
-    assert led.stage(dpo.stage_id)["state"] == "BLOCKED"
+    sync(led, wd)       # its parent (the SFT stage) never ran: the job can never start
+    assert led.stage(dpo.stage_id).state == "BLOCKED"
     assert (wd / "local" / "jobs" / "L5.cancel").exists()     # the queued job is cancelled
 
 
 def test_resubmit_rejects_unknown_state(tmp_path, grid_file, tiny_model):
-    from budgetlab.executors import resubmit
+    from budgetlab.orchestrate import resubmit
     plan, led = _ledger(tmp_path, grid_file, tiny_model)
     with pytest.raises(BadInput, match="--state: RUNNING"):
         resubmit(led, tmp_path / "runs", grid="g", states=("RUNNING",))
@@ -198,16 +196,18 @@ def test_interrupted_submission_is_missing_and_its_job_cancelled(tmp_path, grid_
     plan, led = _ledger(tmp_path, grid_file, tiny_model)
     wd = tmp_path / "runs"
     sft, _ = _train_and_eval(plan)
-    with led.write():   # a submit that died between writing the job file and the job id
-        aid = led.begin_attempt(sft.stage_id, "local", {}, job_name="bl-g-sft-abc123")
-        led.update_attempt(aid, submitted_at=time.time() - 3600)
+    # A submit on another host that died between writing the job file and the job id.
+    record_attempt(led, sft.stage_id, "SUBMITTING", job_name="bl-g-sft-abc123",
+                   submitted_at=time.time() - 3600, heartbeat_at=time.time() - 3600)
     jobs = wd / "local" / "jobs"
     jobs.mkdir(parents=True)
     (jobs / "L3.job.json").write_text(json.dumps({"job_id": "L3", "name": "bl-g-sft-abc123"}))
+    (jobs / "L4.job.json").write_text(json.dumps({"job_id": "L4", "name": "bl-g-sft-abc123"}))
     sync(led, wd)
     att = led.latest_attempt(sft.stage_id)
-    assert att["outcome"] == "MISSING" and "job L3 was found by name and cancelled" in att["error"]
-    assert (jobs / "L3.cancel").exists()
+    # Every job of that name (one submission, several jobs) is found and cancelled.
+    assert att.outcome == "MISSING" and "job(s) L3, L4 found by name and cancelled" in att.error
+    assert (jobs / "L3.cancel").exists() and (jobs / "L4.cancel").exists()
 
 
 @pytest.mark.parametrize("outcome,key,factor", [("TIMEOUT", "time_min", 2),
@@ -215,21 +215,119 @@ def test_interrupted_submission_is_missing_and_its_job_cancelled(tmp_path, grid_
                                                 ("CUDA_OOM", "micro_batch_size", 0.5)])
 def test_resubmit_escalates_from_the_last_attempt(tmp_path, grid_file, tiny_model, outcome, key,
                                                   factor):
-    from budgetlab.executors import resubmit
+    from budgetlab.orchestrate import resubmit
     plan, led = _ledger(tmp_path, grid_file, tiny_model)
     sft, ev = _train_and_eval(plan)
-    base = led.stage(sft.stage_id)["resources"]
+    base = led.stage(sft.stage_id).resources
     for _ in range(2):   # escalation compounds over tries, from the stage's own resources
         res, _ = resubmit(led, tmp_path / "runs", grid="g", stage_ids=[sft.stage_id],
                           dry_run=True)
         prev = res.units[0].resources if _ else base
-        with led.write():
-            aid = led.begin_attempt(sft.stage_id, "slurm", {**prev, "job": {"time_min": 99}})
-            led.update_attempt(aid, outcome=outcome)
-            led.set_stage_state(sft.stage_id, outcome)
+        record_attempt(led, sft.stage_id, outcome, executor="slurm", job_id="7_0",
+                       resources={**prev, "job": {"time_min": 99}})
     res, notes = resubmit(led, tmp_path / "runs", grid="g", dry_run=True)
-    head = next(u for u in res.units if u.head["stage_id"] == sft.stage_id)
+    head = next(u for u in res.units if u.head.stage_id == sft.stage_id)
     assert head.resources[key] == base[key] * factor ** 2
-    assert [s["stage_id"] for s in head.stages] == [sft.stage_id, ev.stage_id]  # eval follows
+    assert [s.stage_id for s in head.stages] == [sft.stage_id, ev.stage_id]  # eval follows
     assert notes[0]["changes"][key] == [base[key] * factor, base[key] * factor ** 2]
     assert not led.attempts(stage_id=ev.stage_id)     # a dry run writes nothing
+
+
+# -- issue 10: paths that stalled a grid --------------------------------------------------------
+def test_only_rank_0_touches_the_error_record(tmp_path, monkeypatch):
+    """A resubmitted multi-rank stage: every rank used to check and unlink the stale
+    error.json, and a rank that lost the race died with FileNotFoundError before the
+    rendezvous. Now only rank 0 removes or writes it."""
+    from budgetlab import worker
+
+    stage = StageDir(tmp_path / "s")
+    stage.write_spec({"stage_id": "s", "kind": "bogus", "task": "arith", "model": "x"})
+    stage.write_error({"message": "from an earlier try"})
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match="unknown stage kind"):
+        worker.run_stages([str(stage.root)])
+    assert stage.read_error() == {"message": "from an earlier try"}
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="unknown stage kind"):
+        worker.run_stages([str(stage.root)])
+    assert stage.read_error()["type"] == "ValueError"
+
+
+def test_an_eval_failing_after_its_training_stage_keeps_the_job_exit_code(tmp_path,
+                                                                           monkeypatch):
+    """The job's exit code is its training stage's: children waiting with aftercorr start;
+    the eval's failure is in its own error.json."""
+    from budgetlab import worker
+
+    head, ev = StageDir(tmp_path / "a"), StageDir(tmp_path / "b")
+    head.write_spec({"stage_id": "a", "kind": "sft", "task": "arith", "model": "x"})
+    head.write_result({"stage_id": "a", "metrics": {"loss": 1.0}})   # trained already
+    ev.write_spec({"stage_id": "b", "kind": "bogus", "task": "arith", "model": "x"})
+    out = worker.run_stages([str(head.root), str(ev.root)])           # no exception
+    assert out[0]["stage_id"] == "a" and out[1] is None
+    assert ev.read_error()["outcome"] == "FAILED" and "unknown stage kind" in \
+        ev.read_error()["message"]
+    with pytest.raises(ValueError):                                   # a failing head raises
+        worker.run_stages([str(ev.root), str(head.root)])
+
+
+def test_eval_batch_size_is_an_execution_setting(tmp_path, grid_file, tiny_model):
+    """CUDA_OOM escalation halved resources.micro_batch_size, which eval ignores: an eval OOM
+    was never escalated. The eval's batch size now lives in its resources (not its id), and
+    escalation halves it into the spec.json the job reads."""
+    from budgetlab.evaluate import eval_batch_size
+    from budgetlab.orchestrate import resubmit, write_specs
+
+    a = build_plan(load_spec(grid_file(tmp_path / "a.toml", tiny_model)))
+    text = (tmp_path / "a.toml").read_text().replace("batch_size = 8\nbaseline", "batch_size = 2\nbaseline")
+    (tmp_path / "b.toml").write_text(text)
+    b = build_plan(load_spec(tmp_path / "b.toml"))
+    assert set(a.stages) == set(b.stages)                    # same ids, other batch size
+    ev = next(s for s in a.stages.values() if s.kind == "eval"
+              and a.stages[s.parent_id].kind == "sft")
+    assert ev.resources["batch_size"] == 8 and b.stages[ev.stage_id].resources["batch_size"] == 2
+    assert "batch_size" not in ev.params
+    led = Ledger(tmp_path / "ledger.db")
+    led.register(a)
+    record_attempt(led, ev.parent_id, "COMPLETED", executor="slurm", job_id="3_0",
+                   result={"stage_id": ev.parent_id, "metrics": {}})
+    record_attempt(led, ev.stage_id, "CUDA_OOM", executor="slurm", job_id="3_0",
+                   resources=ev.resources, error="torch.OutOfMemoryError: CUDA out of memory")
+    res, notes = resubmit(led, tmp_path / "runs", grid="g", stage_ids=[ev.stage_id],
+                          dry_run=True)
+    unit = next(u for u in res.units if ev.stage_id in [s.stage_id for s in u.stages])
+    assert unit.resources["batch_size"] == 4
+    assert notes[0]["changes"] == {"batch_size": [8, 4]}
+    write_specs([unit], tmp_path / "runs", {})
+    spec = StageDir.of(tmp_path / "runs", ev.stage_id).read_spec()
+    assert eval_batch_size(spec) == 4
+
+
+@pytest.mark.slow
+def test_no_file_io_while_the_ledger_is_locked(tmp_path, grid_file, tiny_model):
+    """submit used to fsync every spec.json inside its write transaction and sync read stage
+    files inside its own: every other command waited on them (on NFS, for long). Watched
+    here with an audit hook on every file opened, renamed or removed under the workdir."""
+    import sys
+
+    from budgetlab.orchestrate import submit, wait
+
+    plan = build_plan(load_spec(grid_file(tmp_path / "g.toml", tiny_model, budgets=(8,),
+                                          fractions=(1.0, 0.5))))
+    led = Ledger(tmp_path / "ledger.db")
+    wd = (tmp_path / "runs").resolve()
+    seen, active = [], [True]
+
+    def hook(event, args):
+        if active[0] and event in ("open", "os.rename", "os.replace", "os.remove",
+                                   "os.mkdir", "shutil.rmtree") and args and \
+                str(wd) in str(args[0]) and led.conn.in_transaction:
+            seen.append((event, str(args[0])))
+    sys.addaudithook(hook)
+    try:
+        submit(led, plan, wd, executor="local")
+        st = wait(led, wd, "g", poll_s=1, timeout_s=300)
+    finally:
+        active[0] = False
+    assert st["stages_completed"] == st["stages_total"], st
+    assert not seen, seen[:5]

@@ -28,25 +28,25 @@ def test_local_fail_resubmit_release_children_via_cli(tmp_path, grid_file, tiny_
     assert r.exit_code == 0, r.output
     sub = json.loads(r.output)
     assert sub["executor"] == "local" and sub["jobs"] == 2 and sub["stages"] == 3
-    from budgetlab.executors import wait
+    from budgetlab.orchestrate import wait
     led = Ledger(tmp_path / "ledger.db")
     wait(led, tmp_path / "runs", "loc", poll_s=1, timeout_s=240)
     st = json.loads(_run(tmp_path, "status", "loc", "--json").output)
     assert st["stages"]["sft"] == {"FAILED": 1} and st["active"] == 0
     assert st["stages"]["dpo"] == {"BLOCKED": 1} and st["stages"]["eval"] == {"BLOCKED": 1}
-    sft = next(s for s in led.stages(grid="loc") if s["kind"] == "sft")
-    logs = _run(tmp_path, "logs", sft["stage_id"])
+    sft = next(s for s in led.stages(grid="loc") if s.kind == "sft")
+    logs = _run(tmp_path, "logs", sft.stage_id)
     assert logs.exit_code == 0 and "/log/L1.log" in logs.output and "Error" in logs.output
     dry = _run(tmp_path, "resubmit", "loc", "--dry-run", "--json")
     assert dry.exit_code == 0 and json.loads(dry.output)["changes"][0]["outcome"] == "FAILED"
-    assert led.stage(sft["stage_id"])["state"] == "FAILED"           # dry run wrote nothing
+    assert led.stage(sft.stage_id).state == "FAILED"           # dry run wrote nothing
     (tmp_path / "config.json").rename(model / "config.json")
     r = _run(tmp_path, "resubmit", "loc")
     assert r.exit_code == 0 and "submitted 3 stage(s) in 2 job(s) on local" in r.output, r.output
     st = wait(led, tmp_path / "runs", "loc", poll_s=1, timeout_s=240)
     assert st["stages_completed"] == 3 and st["points_done"] == st["points_total"], st
-    att = led.attempts(stage_id=sft["stage_id"])
-    assert [a["outcome"] for a in att] == ["FAILED", "COMPLETED"] and att[1]["cpu_seconds"] > 0
+    att = led.attempts(stage_id=sft.stage_id)
+    assert [a.outcome for a in att] == ["FAILED", "COMPLETED"] and att[1].cpu_seconds > 0
 
 
 def test_cli_bad_input(tmp_path, grid_file, tiny_model):
@@ -65,7 +65,7 @@ def test_cli_bad_input(tmp_path, grid_file, tiny_model):
 
 @pytest.mark.slow
 def test_local_time_limit_then_resubmit_resumes(tmp_path, grid_file, tiny_model, epochs_for):
-    from budgetlab.executors import resubmit, submit, wait
+    from budgetlab.orchestrate import resubmit, submit, wait
     from budgetlab.graph import build_plan
     from budgetlab.spec import load_spec
 
@@ -79,12 +79,12 @@ def test_local_time_limit_then_resubmit_resumes(tmp_path, grid_file, tiny_model,
     submit(led, plan, wd, executor="local")
     for _ in range(5):    # each try checkpoints at its limit; the next resumes with twice the time
         wait(led, wd, "tl", poll_s=1, timeout_s=300)
-        if led.stage(sft.stage_id)["state"] == "COMPLETED":
+        if led.stage(sft.stage_id).state == "COMPLETED":
             break
-        assert led.stage(sft.stage_id)["state"] == "TIMEOUT"
+        assert led.stage(sft.stage_id).state == "TIMEOUT"
         resubmit(led, wd, grid="tl")
     atts = led.attempts(stage_id=sft.stage_id)
-    assert atts[0]["outcome"] == "TIMEOUT" and atts[-1]["outcome"] == "COMPLETED", atts
-    times = [json.loads(a["resources"])["time_min"] for a in atts]
+    assert atts[0].outcome == "TIMEOUT" and atts[-1].outcome == "COMPLETED", atts
+    times = [a.resources["time_min"] for a in atts]
     assert times == [0.2 * 2 ** i for i in range(len(atts))]
-    assert atts[-1]["resumed_from_step"] and atts[-1]["resumed_from_step"] > 0
+    assert atts[-1].resumed_from_step and atts[-1].resumed_from_step > 0

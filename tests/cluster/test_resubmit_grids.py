@@ -1,6 +1,6 @@
 """resubmit without a grid: each stage goes with a grid that holds it (its settings)."""
 
-from budgetlab.executors import _by_grid
+from budgetlab.orchestrate import _by_grid
 from budgetlab.graph import build_plan
 from budgetlab.ledger import Ledger
 from budgetlab.spec import load_spec

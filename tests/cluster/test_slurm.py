@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from budgetlab.executors import cancel, resubmit, submit, wait
+from budgetlab.orchestrate import cancel, resubmit, submit, wait
 from budgetlab.graph import build_plan
 from budgetlab.ledger import Ledger
 from budgetlab.spec import load_spec
 from budgetlab.stagedir import StageDir
 from budgetlab.sync import sync
+
+from tests.conftest import preemptor_args, record_attempt
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -42,7 +44,7 @@ def _wait_for(cond, timeout, what):
 def _until_job_ended(led, wd, sid, timeout=120):
     """A result.json completes a stage before its job ends; sync follows the job to its end
     (final times, the runs of a requeued job)."""
-    _wait_for(lambda: sync(led, wd) and led.latest_attempt(sid)["ended_at"], timeout,
+    _wait_for(lambda: sync(led, wd) and led.latest_attempt(sid).ended_at, timeout,
               "the job to end")
     return _attempts(led, sid)
 
@@ -60,31 +62,27 @@ def test_grid_end_to_end_with_two_ranks(tmp_path, grid_file, tiny_model, slurm_c
     res = submit(led, plan, wd, executor="slurm")
     # sft array, dpo-on-base array, dpo-after-sft array (aftercorr): not one job per stage.
     assert res.sbatch_calls <= 4 and res.jobs < len(plan.stages)
+    # One sacct call per sync, whatever the number of jobs.
+    rep = sync(led, wd)
+    assert rep.attempts == len(plan.stages) and rep.sacct_calls == 1
     st = wait(led, wd, "e2e", poll_s=3, timeout_s=600)
-    bad = {s["stage_id"]: (s["state"], s["error"]) for s in led.stages(grid="e2e")
-           if s["state"] != "COMPLETED"}
+    bad = {s.stage_id: (s.state, s.error) for s in led.stages(grid="e2e")
+           if s.state != "COMPLETED"}
     assert not bad, bad
     assert st["points_done"] == st["points_total"] == len(plan.points)
     for s in led.stages(grid="e2e"):
-        if s["kind"] != "eval":
-            assert s["result"]["world_size"] == 2      # two ranks over gloo, one per task
-        att = led.latest_attempt(s["stage_id"])
-        assert att["executor"] == "slurm" and "_" in att["job_id"]
-        assert att["raw_state"].startswith("COMPLETED") or att["raw_state"].startswith("RUNNING")
-    # One sacct call per sync, whatever the number of jobs.
-    with led.write():
-        for s in led.stages(grid="e2e"):
-            a = led.latest_attempt(s["stage_id"])
-            led.update_attempt(a["attempt_id"], outcome="RUNNING")
-    rep = sync(led, wd)
-    assert rep.attempts == len(plan.stages) and rep.sacct_calls == 1
+        if s.kind != "eval":
+            assert s.result["world_size"] == 2      # two ranks over gloo, one per task
+        att = led.latest_attempt(s.stage_id)
+        assert att.executor == "slurm" and "_" in att.job_id
+        assert att.raw_state.startswith("COMPLETED") or att.raw_state.startswith("RUNNING")
     # The jobs ran a snapshot of the package, not the live tree.
     snap = next((wd / "code").iterdir())
-    assert (snap / "budgetlab" / "executors" / "job.py").exists()
+    assert (snap / "budgetlab" / "backends" / "job.py").exists()
     scripts = list((wd / "submitit").glob("*_submission.sh"))
     assert scripts and all(f"export PYTHONPATH={snap}" in p.read_text() for p in scripts)
-    heads = [a for a in led.attempts() if a["cpu_seconds"]]
-    assert heads and not any(a["gpu_seconds"] for a in heads)   # CPU jobs: CPU-seconds only
+    heads = [a for a in led.attempts() if a.cpu_seconds]
+    assert heads and not any(a.gpu_seconds for a in heads)   # CPU jobs: CPU-seconds only
 
 
 def test_failure_resubmit_releases_blocked_children(tmp_path, grid_file, tiny_model,
@@ -99,25 +97,25 @@ def test_failure_resubmit_releases_blocked_children(tmp_path, grid_file, tiny_mo
     submit(led, plan, wd, executor="slurm")
     wait(led, wd, "fail", poll_s=2, timeout_s=300)
     row = led.stage(sft.stage_id)
-    assert row["state"] == "FAILED", row
+    assert row.state == "FAILED", row
     err = StageDir.of(wd, sft.stage_id).read_error()
-    assert err and led.latest_attempt(sft.stage_id)["error"] == err["message"]
+    assert err and led.latest_attempt(sft.stage_id).error == err["message"]
     assert "\n" not in err["message"] and err["message"].split(":")[0].endswith(("Error", "Exception"))
     for s in plan.stages.values():
         if s.stage_id != sft.stage_id:
-            assert led.stage(s.stage_id)["state"] == "BLOCKED", s.kind
+            assert led.stage(s.stage_id).state == "BLOCKED", s.kind
     (tmp_path / "config.json").rename(model / "config.json")       # cause removed
     res, notes = resubmit(led, wd, grid="fail")
     assert {n["stage_id"] for n in notes} >= {sft.stage_id}
     assert sum(len(u.stages) for u in res.units) == len(plan.stages)
     wait(led, wd, "fail", poll_s=2, timeout_s=300)
-    assert all(led.stage(s)["state"] == "COMPLETED" for s in plan.stages), \
-        [(s["kind"], s["state"], s["error"]) for s in led.stages(grid="fail")]
-    outcomes = [a["outcome"] for a in _attempts(led, sft.stage_id)]
+    assert all(led.stage(s).state == "COMPLETED" for s in plan.stages), \
+        [(s.kind, s.state, s.error) for s in led.stages(grid="fail")]
+    outcomes = [a.outcome for a in _attempts(led, sft.stage_id)]
     assert outcomes == ["FAILED", "COMPLETED"]
     done = _attempts(led, sft.stage_id)[-1]      # GPU jobs: elapsed x allocated GPUs
-    assert done["gpus"] == 1 and done["gpu_seconds"] > 0 and not done["cpu_seconds"]
-    assert led.stage(dpo.stage_id)["state"] == "COMPLETED"
+    assert done.gpus == 1 and done.gpu_seconds > 0 and not done.cpu_seconds
+    assert led.stage(dpo.stage_id).state == "COMPLETED"
 
 
 def test_preempted_job_resumes_from_checkpoint(tmp_path, grid_file, tiny_model, slurm_cluster,
@@ -129,15 +127,15 @@ def test_preempted_job_resumes_from_checkpoint(tmp_path, grid_file, tiny_model, 
     sft = next(s for s in plan.stages.values() if s.kind == "sft")
     submit(led, plan, wd, executor="slurm")
     _wait_for(lambda: _progress_step(wd, sft.stage_id) >= 2, 240, "training to start")
-    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-c", "16", "-o", "/dev/null",
+    urgent = subprocess.run(["sbatch", "--parsable", *preemptor_args(), "-o", "/dev/null",
                              "--wrap", "sleep 3"], capture_output=True, text=True, check=True)
     wait(led, wd, "pre", poll_s=2, timeout_s=400)
     atts = _until_job_ended(led, wd, sft.stage_id)
-    assert led.stage(sft.stage_id)["state"] == "COMPLETED", atts
-    assert len(atts) >= 2 and atts[0]["outcome"] == "PREEMPTED", atts
-    assert atts[-1]["outcome"] == "COMPLETED" and atts[-1]["resumed_from_step"] >= 2
-    assert len({a["job_id"] for a in atts}) == 1                 # the same job, requeued
-    assert led.stage(sft.stage_id)["result"]["resumed_from_step"] >= 2
+    assert led.stage(sft.stage_id).state == "COMPLETED", atts
+    assert len(atts) >= 2 and atts[0].outcome == "PREEMPTED", atts
+    assert atts[-1].outcome == "COMPLETED" and atts[-1].resumed_from_step >= 2
+    assert len({a.job_id for a in atts}) == 1                 # the same job, requeued
+    assert led.stage(sft.stage_id).result["resumed_from_step"] >= 2
     subprocess.run(["scancel", urgent.stdout.strip()], capture_output=True)
 
 
@@ -152,9 +150,9 @@ def test_time_limit_checkpoints_requeues_and_completes(tmp_path, grid_file, tiny
     submit(led, plan, wd, executor="slurm")
     wait(led, wd, "tle", poll_s=3, timeout_s=540)
     atts = _until_job_ended(led, wd, sft.stage_id)
-    assert led.stage(sft.stage_id)["state"] == "COMPLETED", atts
-    assert len(atts) >= 2 and atts[0]["outcome"] == "TIMEOUT", atts
-    assert atts[-1]["resumed_from_step"] and atts[-1]["resumed_from_step"] > 0
+    assert led.stage(sft.stage_id).state == "COMPLETED", atts
+    assert len(atts) >= 2 and atts[0].outcome == "TIMEOUT", atts
+    assert atts[-1].resumed_from_step and atts[-1].resumed_from_step > 0
 
 
 def test_scancel_is_cancelled_and_child_blocked(tmp_path, grid_file, tiny_model, slurm_cluster):
@@ -163,23 +161,23 @@ def test_scancel_is_cancelled_and_child_blocked(tmp_path, grid_file, tiny_model,
     sft = next(s for s in plan.stages.values() if s.kind == "sft")
     dpo = next(s for s in plan.stages.values() if s.kind == "dpo")
     submit(led, plan, wd, executor="slurm")
-    job = led.latest_attempt(sft.stage_id)["job_id"]
-    _wait_for(lambda: sync(led, wd) and led.stage(sft.stage_id)["state"] == "RUNNING", 120,
+    job = led.latest_attempt(sft.stage_id).job_id
+    _wait_for(lambda: sync(led, wd) and led.stage(sft.stage_id).state == "RUNNING", 120,
               "the job to run")
     subprocess.run(["scancel", job], check=True)
     wait(led, wd, "can", poll_s=2, timeout_s=120)
     att = led.latest_attempt(sft.stage_id)
-    assert att["outcome"] == "CANCELLED" and att["raw_state"].startswith("CANCELLED")
-    assert led.stage(dpo.stage_id)["state"] == "BLOCKED"
+    assert att.outcome == "CANCELLED" and att.raw_state.startswith("CANCELLED")
+    assert led.stage(dpo.stage_id).state == "BLOCKED"
     # budgetlab cancel on work that is queued: ledger keeps it as CANCELLED.
     res, _ = resubmit(led, wd, grid="can", states=("CANCELLED",))
     assert res.jobs == 2
     cancelled = cancel(led, wd, grid="can")
-    assert {a["stage_id"] for a in cancelled} == set(plan.stages)
-    assert all(led.stage(s)["state"] == "CANCELLED" for s in plan.stages)
+    assert {a.stage_id for a in cancelled} == set(plan.stages)
+    assert all(led.stage(s).state == "CANCELLED" for s in plan.stages)
     time.sleep(2)
     out = subprocess.run(["squeue", "-h", "-j", ",".join(
-        sorted({a["job_id"] for a in cancelled}))], capture_output=True, text=True).stdout
+        sorted({a.job_id for a in cancelled}))], capture_output=True, text=True).stdout
     assert "R " not in out and " PD " not in out
 
 
@@ -194,8 +192,8 @@ def test_without_accounting_squeue_and_stage_dirs(tmp_path, grid_file, tiny_mode
         else line for line in src.read_text().splitlines(keepends=True)))
     shutil.copy(src.parent / "gres.conf", conf.parent / "gres.conf")
     monkeypatch.setenv("SLURM_CONF", str(conf))
-    import budgetlab.sync as sync_mod
-    monkeypatch.setattr(sync_mod, "_said_no_accounting", False)
+    import budgetlab.backends.slurm as slurm_mod
+    monkeypatch.setattr(slurm_mod, "_said_no_accounting", False)
     plan, led, wd = _setup(tmp_path, grid_file, tiny_model, name="noacct", budgets=(16,),
                            fractions=(1.0,))
     submit(led, plan, wd, executor="slurm")
@@ -209,7 +207,7 @@ def test_without_accounting_squeue_and_stage_dirs(tmp_path, grid_file, tiny_mode
 
 def test_reused_job_id_is_not_taken_for_an_old_job(tmp_path, grid_file, tiny_model, slurm_cluster,
                                                    monkeypatch):
-    import budgetlab.sync as sync_mod
+    import budgetlab.judge as judge_mod
     # A real job that finished; then an attempt that claims its id but was submitted later
     # (as after a job-id wrap-around). Thresholds shortened so the test runs in seconds.
     out = subprocess.run(["sbatch", "--parsable", "--array=0", "-o", "/dev/null", "--wrap", "true"],
@@ -218,16 +216,15 @@ def test_reused_job_id_is_not_taken_for_an_old_job(tmp_path, grid_file, tiny_mod
     _wait_for(lambda: subprocess.run(["sacct", "-n", "-X", "-j", out, "-o", "State"],
                                      capture_output=True, text=True).stdout.strip()
               .startswith("COMPLETED"), 60, "the job to finish")
-    monkeypatch.setattr(sync_mod, "REUSED_SLACK_S", 1)
-    monkeypatch.setattr(sync_mod, "MISSING_GRACE_S", 1)
+    monkeypatch.setattr(judge_mod, "REUSED_SLACK_S", 1)
+    monkeypatch.setattr(judge_mod, "MISSING_GRACE_S", 1)
     plan, led, wd = _setup(tmp_path, grid_file, tiny_model, name="reuse")
     led.register(plan)
     sft = next(s for s in plan.stages.values() if s.kind == "sft")
     time.sleep(3)
-    with led.write():
-        aid = led.begin_attempt(sft.stage_id, "slurm", {"time_min": 5})
-        led.update_attempt(aid, job_id=jid, outcome="PENDING", submitted_at=time.time() - 1.5)
+    record_attempt(led, sft.stage_id, "PENDING", executor="slurm", job_id=jid,
+                   submitted_at=time.time() - 1.5)
     time.sleep(0.5)
     sync(led, wd)
     att = led.latest_attempt(sft.stage_id)
-    assert att["outcome"] == "MISSING" and att["raw_state"] is None, att   # not the old COMPLETED
+    assert att.outcome == "MISSING" and att.raw_state is None, att   # not the old COMPLETED

@@ -1,5 +1,8 @@
 """Allocation arithmetic (DESIGN section 1), by property."""
 
+import math
+from fractions import Fraction
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,7 +16,12 @@ costs = st.floats(min_value=1e-4, max_value=1e3)
 @given(budgets, fractions, costs, costs)
 def test_spend_never_exceeds_budget(budget, f, c_sft, c_pair):
     n_sft, n_pft = allocate(budget, f, c_sft, c_pair)
-    assert n_sft >= 0 and n_pft >= 0
+    # the most whole examples each share buys, in exact rational arithmetic (a second path);
+    # allocate may round up only where the exact count is within float error of an integer
+    for n, share, cost in ((n_sft, Fraction(f), c_sft), (n_pft, 1 - Fraction(f), c_pair)):
+        exact = share * Fraction(budget) / Fraction(cost)
+        assert math.floor(exact * (1 - Fraction(1, 10**12))) <= n <= math.floor(
+            exact * (1 + Fraction(1, 10**12)) + Fraction(1, 10**9)), (n, float(exact))
     assert annotation_cost(n_sft, n_pft, c_sft, c_pair) <= budget * (1 + 1e-9)
 
 

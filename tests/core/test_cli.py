@@ -9,6 +9,8 @@ from budgetlab.graph import build_plan
 from budgetlab.ledger import Ledger
 from budgetlab.spec import load_spec
 
+from tests.conftest import GOOD_SPEC
+
 ROOT = Path(__file__).parents[2]
 
 
@@ -21,7 +23,10 @@ def test_plan_json_keys(cli, write_spec):
     assert out["stages"]["sft"] == 8 and out["sft_trainings_without_sharing"] > 8
     assert out["annotation_spend"] == sum(  # every cell spends its whole budget here
         b * 2 * 2 * 3 for b in (64, 256))
-    assert "gpu_hours_estimate" in out and "points" in out
+    # hand-counted: mixed 2 budgets x 2 methods x 2 seeds, SFT-only 2 x 2, PFT-only 2 x 2 x 2
+    assert out["points"] == 8 + 4 + 8 and out["baseline_points"] == 1
+    # every stage of this grid runs on CPU: zero hours, none unknown
+    assert out["gpu_hours_estimate"] == 0.0 and out["gpu_hours_unknown_models"] == []
     assert not cli.ledger_path.exists()  # plan writes nothing
 
 
@@ -41,13 +46,20 @@ def test_bad_spec_exit_2_one_line(cli, write_spec):
 
 def test_ledger_commands(cli, write_spec):
     led = Ledger(cli.ledger_path)
-    led.register(build_plan(load_spec(write_spec())))
+    plan = build_plan(load_spec(write_spec()))
+    led.register(plan)
     led.close()
+    out = {}
     for sub in ("points", "stages", "attempts", "spend"):
         res = cli("ledger", sub, "--json")
         assert res.exit_code == 0, (sub, res.output)
-        json.loads(res.stdout)
+        out[sub] = json.loads(res.stdout)
         assert cli("ledger", sub).exit_code == 0
+    # against the plan the ledger was filled from (a second path), and nothing submitted yet
+    assert sorted(r["stage_id"] for r in out["stages"]) == sorted(plan.stages)
+    assert {r["state"] for r in out["stages"]} == {"NEW"}  # registered, not submitted
+    assert sorted(r["point_id"] for r in out["points"]) == sorted(plan.points)
+    assert out["attempts"] == []
     rows = json.loads(cli("ledger", "points", "--grid", "t", "--json").stdout)
     # mixed (budgets x methods x seeds) + sft-only (budgets x seeds) + pft-only + base
     assert len(rows) == 8 + 4 + 8 + 1
@@ -104,3 +116,77 @@ sft = "{ROOT / 'tests' / 'fixtures' / 'gsm8k_sft.jsonl'}"
         str(ROOT / 'tests' / 'fixtures' / 'gsm8k_sft.jsonl'), str(tmp_path / "bad.jsonl")))
     res = subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True, text=True)
     assert res.returncode == 2 and "line 1" in res.stderr
+
+
+def test_status_of_every_grid(cli, write_spec):
+    """`status` without a grid lists every registered grid (JSON: one object per grid)."""
+    from budgetlab.graph import build_plan
+    from budgetlab.ledger import Ledger
+    from budgetlab.spec import load_spec
+
+    led = Ledger(cli.ledger_path)
+    for name in ("a", "b"):
+        led.register(build_plan(load_spec(write_spec(GOOD_SPEC.replace('name = "t"',
+                                                                       f'name = "{name}"'),
+                                                     f"{name}.toml"))))
+    r = cli("status", "--no-sync", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert [s["grid"] for s in out] == ["a", "b"]
+    assert all(s["stages_total"] == len(build_plan(load_spec(write_spec(GOOD_SPEC))).stages)
+               and s["active"] == 0 for s in out)
+
+
+def test_budget_larger_than_a_known_pool_is_refused_before_anything_runs(cli, write_spec):
+    """arith's generated pools have a known size: plan and submit refuse, ledger unchanged."""
+    from budgetlab.tasks import get_task
+
+    n_pool = len(get_task("arith").sft_pool())  # the worker's own path to the pool
+    big = write_spec(GOOD_SPEC.replace("budgets = [64, 256]", "budgets = [64, 100000]"), "big.toml")
+    res = cli("plan", big)
+    assert res.exit_code == 2 and res.stderr.strip().count("\n") == 0, res.output
+    assert n_pool == 3921 and (
+        f"cell task=arith model=builtin:arith-tiny budget=100000 sft_fraction=1 method=dpo seed=0"
+        f" needs 100000 SFT examples but the arith sft pool holds {n_pool}") in res.stderr
+    led = Ledger(cli.ledger_path)
+    led.register(build_plan(load_spec(write_spec())))
+    led.close()
+    before = cli.ledger_path.read_bytes()
+    res = cli("submit", big)
+    assert res.exit_code == 2 and "holds 3921" in res.stderr
+    assert cli.ledger_path.read_bytes() == before and not cli.workdir.exists()
+    # preference pairs too: all of the budget on pairs
+    pft = write_spec(GOOD_SPEC.replace("budgets = [64, 256]", "budgets = [5000]")
+                     .replace("[1.0, 0.5, 0.0]", "[0.0]"), "pft.toml")
+    n_pairs = len(get_task("arith").preference_pool())
+    res = cli("plan", pft)
+    assert res.exit_code == 2 and f"needs 5000 preference pairs but the arith preferences pool " \
+        f"holds {n_pairs}" in res.stderr
+
+
+def test_pool_sizes_of_local_files_count_after_deduplication(cli, write_spec, tmp_path,
+                                                             monkeypatch):
+    rows = [{"prompt": f"Q{i}", "response": f"A{i}"} for i in range(4)]
+    rows += rows[:2]  # two exact duplicates: 4 distinct rows
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = (GOOD_SPEC.replace("[1.0, 0.5, 0.0]", "[1.0]").replace("[64, 256]", "{budgets}")
+            + f'\n[data.arith]\nsft = "{sft}"\n')
+    ok = cli("plan", write_spec(text.format(budgets="[2, 4]"), "ok.toml"), "--json")
+    assert ok.exit_code == 0, ok.output  # exactly the pool: served
+    res = cli("plan", write_spec(text.format(budgets="[4, 5]"), "five.toml"))
+    assert res.exit_code == 2 and "budget=5 " in res.stderr
+    assert "needs 5 SFT examples but the arith sft pool holds 4 (duplicates and evaluation " \
+        "prompts removed)" in res.stderr
+    # a hub evaluation set: nothing is downloaded (offline), the de-duplicated count bounds n
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"{i} #### {i}"}) + "\n"
+                           for i in (1, 2, 3, 3)))
+    spec = (GOOD_SPEC.replace('tasks = ["arith"]', 'tasks = ["gsm8k"]')
+            .replace("[1.0, 0.5, 0.0]", "[1.0]").replace("[64, 256]", "{budgets}")
+            + f'\n[data.gsm8k]\nsft = "{gsm}"\n')
+    assert cli("plan", write_spec(spec.format(budgets="[3]"), "g3.toml")).exit_code == 0
+    res = cli("plan", write_spec(spec.format(budgets="[4]"), "g4.toml"))
+    assert res.exit_code == 2 and "gsm8k sft pool holds 3 (duplicates removed)" in res.stderr

@@ -60,15 +60,67 @@ def test_changing_n_changes_only_affected_stages(write_spec):
     assert any(b.stages[s].n == 150 for s in b.stages)
 
 
-def test_data_source_content_changes_ids(write_spec, tmp_path, monkeypatch):
+def _depends_on_sft(plan, sid) -> bool:
+    """Does the stage train on SFT data or descend from a stage that does?"""
+    while sid:
+        if plan.stages[sid].kind == "sft":
+            return True
+        sid = plan.stages[sid].parent_id
+    return False
+
+
+def test_a_stage_id_hashes_the_data_it_reads(write_spec, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    f = tmp_path / "sft.jsonl"
-    f.write_text('{"prompt": "Q: 1+1?", "response": "2"}\n')
-    text = GOOD_SPEC + '\n[data.arith]\nsft = "sft.jsonl"\n'
-    a = set(_plan(write_spec, text).stages)
-    f.write_text('{"prompt": "Q: 1+2?", "response": "3"}\n')
-    b = set(_plan(write_spec, text).stages)
-    assert a.isdisjoint(b)
+    sft, pref = tmp_path / "sft.jsonl", tmp_path / "pref.jsonl"
+    sft.write_text('{"prompt": "Q: 1+1?", "response": "2"}\n')
+    pref.write_text('{"prompt": "Q: 1+1?", "chosen": "2", "rejected": "3"}\n')
+    text = GOOD_SPEC + '\n[data.arith]\nsft = "sft.jsonl"\npreferences = "pref.jsonl"\n'
+    a = _plan(write_spec, text)
+    sft.write_text('{"prompt": "Q: 1+2?", "response": "3"}\n')
+    b = _plan(write_spec, text)
+    # Editing the SFT file changes the SFT stages and everything below them, nothing else.
+    assert {s for s in a.stages if _depends_on_sft(a, s)}.isdisjoint(b.stages)
+    assert {s for s in a.stages if not _depends_on_sft(a, s)} <= set(b.stages)
+    pref.write_text('{"prompt": "Q: 1+1?", "chosen": "2", "rejected": "4"}\n')
+    c = _plan(write_spec, text)
+    # Editing the preference file retrains no SFT stage (on main it changed every id).
+    sfts = {s for s, st in b.stages.items() if st.kind == "sft"}
+    assert sfts and sfts <= set(c.stages)
+    assert {s for s, st in b.stages.items() if st.kind in ("dpo", "kto")}.isdisjoint(c.stages)
+    # Moving a file keeps every id: content counts, not the path.
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    pref.rename(moved / "pref.jsonl")
+    d = _plan(write_spec, text.replace('"pref.jsonl"', '"elsewhere/pref.jsonl"'))
+    assert set(d.stages) == set(c.stages)
+
+
+def _fake_hub_cache(root, kind, name, commit):
+    """The layout huggingface_hub writes: <cache>/<kind>s--org--name/refs/main = commit."""
+    refs = root / f"{kind}s--{name.replace('/', '--')}" / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    (refs / "main").write_text(commit)
+
+
+def test_a_new_hub_revision_changes_the_ids_that_read_it(write_spec, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    text = GOOD_SPEC.replace('tasks = ["arith"]', 'tasks = ["gsm8k"]').replace(
+        'models = ["builtin:arith-tiny"]', 'models = ["org/base-model"]')
+    none = _plan(write_spec, text)
+    _fake_hub_cache(cache, "model", "org/base-model", "a" * 40)
+    _fake_hub_cache(cache, "dataset", "mohit-raghavendra/gsm8k-gpt4opreferences", "b" * 40)
+    first = _plan(write_spec, text)
+    assert set(first.stages).isdisjoint(none.stages)   # the model revision is now known
+    _fake_hub_cache(cache, "dataset", "mohit-raghavendra/gsm8k-gpt4opreferences", "c" * 40)
+    second = _plan(write_spec, text)
+    pft = {s for s, st in first.stages.items() if st.kind in ("dpo", "kto")}
+    assert pft and pft.isdisjoint(second.stages)               # they read the preferences
+    assert {s for s, st in first.stages.items() if st.kind == "sft"} <= set(second.stages)
+    # A pinned revision is hashed as written, cached or not.
+    pinned = _plan(write_spec, text.replace('"org/base-model"', '"org/base-model@v2"'))
+    assert set(pinned.stages).isdisjoint(first.stages)
+    assert pinned.spec.model_ids["org/base-model@v2"] == "hub:org/base-model@v2"
 
 
 def test_ids_identical_across_processes_and_hash_seeds(write_spec):

@@ -8,6 +8,7 @@ import pytest
 from budgetlab.errors import BadInput
 from budgetlab.graph import build_plan
 from budgetlab.ledger import SCHEMA_VERSION, Ledger, query_readonly
+from budgetlab.lifecycle import IllegalTransition, Transition
 from budgetlab.spec import load_spec
 
 from tests.conftest import GOOD_SPEC
@@ -34,17 +35,17 @@ def test_register_twice_adds_nothing(tmp_path, write_spec):
 def test_editing_a_grid_adds_cells_and_keeps_earlier_records(tmp_path, write_spec):
     _register(tmp_path / "l.db", write_spec())
     led = Ledger(tmp_path / "l.db")
-    before_stages = {s["stage_id"] for s in led.stages()}
+    before_stages = {s.stage_id for s in led.stages()}
     led.close()
     _register(tmp_path / "l.db", write_spec(GOOD_SPEC.replace("budgets = [64, 256]",
                                                               "budgets = [64, 512]")))
     led = Ledger(tmp_path / "l.db")
-    after_stages = {s["stage_id"] for s in led.stages()}
+    after_stages = {s.stage_id for s in led.stages()}
     assert before_stages < after_stages
     cells = led.cells("t", active_only=False)
-    assert {c["budget"] for c in cells if c["active"]} == {64, 512}
-    assert {c["budget"] for c in cells if not c["active"]} == {256}
-    assert {c["budget"] for c in led.cells("t")} == {64, 512}
+    assert {c.budget for c in cells if c.active} == {64, 512}
+    assert {c.budget for c in cells if not c.active} == {256}
+    assert {c.budget for c in led.cells("t")} == {64, 512}
 
 
 def test_schema_version_and_journal_mode(tmp_path, write_spec):
@@ -72,43 +73,71 @@ def test_not_a_ledger(tmp_path):
         Ledger(tmp_path / "junk.db")
 
 
+def _submit(led, sid, **cols):
+    return led.apply(Transition(sid, "SUBMITTING", "test submit", new_attempt={
+        "executor": "local", "job_name": "x", "resources": {"time_min": 5}, **cols}))
+
+
 def test_attempts_and_results(tmp_path, write_spec):
     _register(tmp_path / "l.db", write_spec())
     led = Ledger(tmp_path / "l.db")
-    sid = next(s["stage_id"] for s in led.stages() if s["kind"] == "sft")
-    aid = led.begin_attempt(sid, "local", {"time_min": 5}, job_name="x")
-    assert led.stage(sid)["state"] == "SUBMITTING"
+    sid = next(s.stage_id for s in led.stages() if s.kind == "sft")
+    aid = _submit(led, sid, budgetlab_version="0.1.0")
+    assert led.stage(sid).state == "SUBMITTING"
     att = led.latest_attempt(sid)
-    assert att["outcome"] == "SUBMITTING" and att["budgetlab_version"]
-    led.update_attempt(aid, job_id="12_3", outcome="RUNNING")
-    assert [a["attempt_id"] for a in led.attempts(open_only=True)] == [aid]
+    assert att.outcome == "SUBMITTING" and att.budgetlab_version == "0.1.0"
+    assert att.resources == {"time_min": 5}
+    led.apply(Transition(sid, "RUNNING", "test", attempt_id=aid, fields={"job_id": "12_3"}))
+    assert [a.attempt_id for a in led.attempts(open_only=True)] == [aid]
     result = {"stage_id": sid, "metrics": {"loss": 0.5, "flag": True}, "tokens": 1000}
-    led.record_result(sid, aid, result)
-    led.record_result(sid, aid, result)  # a second sync adds no duplicate
-    assert led.metrics([sid]) == {sid: {"loss": 0.5}}
-    assert led.stage(sid)["state"] == "COMPLETED" and led.stage(sid)["tokens"] == 1000
+    led.apply(Transition(sid, "COMPLETED", "result.json", attempt_id=aid, result=result))
+    led.apply(Transition(sid, "COMPLETED", "result.json", attempt_id=aid, result=result))
+    assert led.metrics([sid]) == {sid: {"loss": 0.5}}   # no duplicate, booleans are no metric
+    assert led.stage(sid).state == "COMPLETED" and led.stage(sid).tokens == 1000
+    assert led.latest_attempt(sid).tokens == 1000
     assert led.attempts(open_only=True) == []
+
+
+def test_illegal_transitions_raise_and_write_nothing(tmp_path, write_spec):
+    _register(tmp_path / "l.db", write_spec())
+    led = Ledger(tmp_path / "l.db")
+    sid = next(s.stage_id for s in led.stages() if s.kind == "sft")
+    with pytest.raises(IllegalTransition, match="NEW -> RUNNING"):
+        led.apply(Transition(sid, "RUNNING", "a record for a stage nobody submitted"))
+    aid = _submit(led, sid)
+    with pytest.raises(IllegalTransition, match="SUBMITTING -> SUBMITTING"):
+        _submit(led, sid)                       # a second submission of a queued stage
+    led.apply(Transition(sid, "COMPLETED", "result.json", attempt_id=aid,
+                         result={"stage_id": sid, "metrics": {"loss": 1.0}}))
+    before = (tmp_path / "l.db").read_bytes()
+    for to in ("FAILED", "PENDING", "BLOCKED"):
+        with pytest.raises(IllegalTransition, match=f"COMPLETED -> {to}"):
+            led.apply(Transition(sid, to, "a late scheduler record", attempt_id=aid))
+    assert (tmp_path / "l.db").read_bytes() == before      # rolled back, nothing written
+    assert len(led.attempts(stage_id=sid)) == 1
 
 
 def _writer(path, stage_id, n):
     led = Ledger(path)
-    for _ in range(n):
-        led.begin_attempt(stage_id, "local")
+    for _ in range(n):   # one legal cycle per round: a try that fails, then the next try
+        aid = _submit(led, stage_id)
+        led.apply(Transition(stage_id, "FAILED", "test", attempt_id=aid, error="boom"))
     led.close()
 
 
 def test_concurrent_writers_lose_nothing(tmp_path, write_spec):
     _register(tmp_path / "l.db", write_spec())
     led = Ledger(tmp_path / "l.db")
-    sid = led.stages()[0]["stage_id"]
+    sids = [s.stage_id for s in led.stages()[:4]]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path / "l.db"), sid, 50)) for _ in range(4)]
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path / "l.db"), sid, 50)) for sid in sids]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
-    assert len(led.attempts(stage_id=sid)) == 200
+    assert [len(led.attempts(stage_id=sid)) for sid in sids] == [50] * 4
+    assert all(a.outcome == "FAILED" for a in led.attempts())
     assert led.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 

@@ -18,6 +18,9 @@ def _edit(old: str, new: str) -> str:
 
 # (spec text, key named in the error, a word of the reason)
 MALFORMED = [
+    (GOOD_SPEC + "[train.kto]\nbatch_unit = 'tokens'\n", "train.kto.batch_unit", "one of"),
+    (GOOD_SPEC.replace("[train]\n", "[train]\nbatch_unit = 'pairs'\n"), "train.batch_unit",
+     "unknown key"),
     ("foo = 1\n" + GOOD_SPEC, "foo", "unknown key"),
     (_edit("seeds = [0, 1]", "seeds = [0, 1]\nseed = 3"), "grid.seed", "unknown key"),
     (_edit("budgets = [64, 256]", 'budgets = ["64"]'), "grid.budgets", "expected a number"),
@@ -61,6 +64,22 @@ MALFORMED = [
     (GOOD_SPEC + "\n[eval]\nlimit = 5\n", "", "invalid TOML"),  # table defined twice
     ("name = 't'\n[grid\n", "", "invalid TOML"),
     (_edit("max_length = 128", "max_length = 128.5"), "train.max_length", "integer"),
+    # the evaluation protocol
+    (_edit("limit = 20", 'limit = 20\nchat_template = "llama"'), "eval.chat_template",
+     "must be one of"),
+    (_edit("limit = 20", 'limit = 20\nprompt_template = "Q:"'), "eval.prompt_template",
+     "{prompt}"),
+    (_edit("limit = 20", "limit = 20\nsystem_prompt = 3"), "eval.system_prompt", "string"),
+    (_edit("limit = 20", "limit = 20\ntemperature = -0.5"), "eval.temperature", ">= 0"),
+    (_edit("limit = 20", "limit = 20\ntemperature = 0.5\ntop_p = 0"), "eval.top_p", "> 0"),
+    (_edit("limit = 20", "limit = 20\ntemperature = 0.5\ntop_p = 1.5"), "eval.top_p", "<= 1"),
+    (_edit("limit = 20", "limit = 20\ntemperature = 0.5\nseed = -1"), "eval.seed", ">= 0"),
+    (_edit("limit = 20", "limit = 20\ntemperature = 0.5\nsamples = 0"), "eval.samples", ">= 1"),
+    (_edit("limit = 20", "limit = 20\nsamples = 4"), "eval.samples", "temperature > 0"),
+    (_edit("limit = 20", "limit = 20\ntop_p = 0.9"), "eval.top_p", "temperature > 0"),
+    (_edit("limit = 20", "limit = 20\nseed = 3"), "eval.seed", "temperature > 0"),
+    (_edit("limit = 20", 'limit = 20\nchat_template = "none"\nsystem_prompt = "Be brief."'),
+     "eval.system_prompt", "needs a chat template"),
 ]
 
 
@@ -86,6 +105,35 @@ def test_good_spec_merges_defaults(write_spec):
     assert spec.train["dpo"]["max_length"] == 128  # [train] applies to every kind
     assert spec.resources["sft"]["tasks_per_node"] == 1
     assert spec.eval["limit"] == 20
+
+
+def _eval_ids(write_spec, extra: str) -> set:
+    from budgetlab.graph import build_plan
+
+    plan = build_plan(load_spec(write_spec(_edit("limit = 20", "limit = 20\n" + extra))))
+    return {sid for sid, st in plan.stages.items() if st.kind == "eval"}
+
+
+def test_eval_protocol_is_part_of_the_eval_stage_id(write_spec):
+    unset = _eval_ids(write_spec, "")
+    # Defaults written out are the same stages as defaults left unset (and as before the keys).
+    assert _eval_ids(write_spec, 'chat_template = "auto"\nprompt_template = "{prompt}"\n'
+                     "temperature = 0\ntop_p = 1\nseed = 0\nsamples = 1") == unset
+    sampled = _eval_ids(write_spec, "temperature = 0.5\ntop_p = 0.9")
+    assert len(sampled) == len(unset) and not sampled & unset
+    for extra in ("top_p = 0.9\nseed = 1", "top_p = 0.9\nsamples = 3", "top_p = 0.95"):
+        other = _eval_ids(write_spec, "temperature = 0.5\n" + extra)
+        assert not other & sampled, extra
+    for extra in ('chat_template = "chatml"', 'system_prompt = "Be brief."',
+                  'prompt_template = "Question: {prompt}\\nAnswer:"'):
+        assert not _eval_ids(write_spec, extra) & unset, extra
+    # The training stages do not change with the evaluation protocol.
+    from budgetlab.graph import build_plan
+
+    a = build_plan(load_spec(write_spec()))
+    b = build_plan(load_spec(write_spec(_edit("limit = 20", "limit = 20\ntemperature = 0.5"))))
+    assert ({k for k, s in a.stages.items() if s.kind != "eval"}
+            == {k for k, s in b.stages.items() if s.kind != "eval"})
 
 
 def test_missing_and_unreadable_files(tmp_path):
@@ -120,3 +168,45 @@ def test_paper_grid_is_valid():
     assert spec.sft_fractions == (1.0, 0.75, 0.5, 0.25, 0.1, 0.01, 0.0)
     assert spec.train["sft"]["finetune"] == "lora" and spec.train["sft"]["lora_r"] == 32
     assert spec.resources["sft"]["gpus_per_node"] == 8
+    # the authors' evaluation protocol (0-shot, ChatML with their system prompt, sampled)
+    assert spec.eval["chat_template"] == "chatml"
+    assert spec.eval["temperature"] == 0.5 and spec.eval["top_p"] == 0.9
+    assert spec.eval["system_prompt"].endswith("#### <Final numerical answer>")
+
+
+def test_estimate_counts_every_sample():
+    """k samples per prompt decode k times: k times the eval's GPU-hours (hand-computed)."""
+    from budgetlab.datamodel import Stage
+    from budgetlab.estimate import MFU, PEAK_FLOPS, TOKENS_PER_EXAMPLE, stage_gpu_hours
+
+    def hours(**params):
+        st = Stage("e", "eval", "gsm8k", "org/Model-7B", None, None, None,
+                   params={"limit": 100, "max_new_tokens": 256, **params},
+                   resources={"gpus_per_node": 1})
+        return stage_gpu_hours(st)
+
+    one = 2 * 7e9 * 100 * (TOKENS_PER_EXAMPLE + 256) * 10 / (PEAK_FLOPS * MFU) / 3600
+    assert hours() == pytest.approx(one)
+    assert hours(samples=4, temperature=0.5) == pytest.approx(4 * one)
+
+
+# KTO stage ids of GOOD_SPEC as main computed them before [train.kto] batch_unit existed
+# (budgetlab 07134ec), when KTO's batch_size counted examples.
+KTO_IDS_BEFORE_BATCH_UNIT = {
+    "353df5f345dd2869", "694b3471e4ae6e69", "7d24bdc57edf37a3", "860b60b92fd03410",
+    "bde95846621b4342", "c635fe1636ffcbea", "dac358ccf66f7c47", "f73e4bdc22c926b8"}
+
+
+def test_kto_batch_unit_pairs_by_default_and_examples_keeps_the_old_ids(write_spec):
+    from budgetlab.graph import build_plan
+
+    def kto(text):
+        plan = build_plan(load_spec(write_spec(text)))
+        return {s.stage_id: s.params for s in plan.stages.values() if s.kind == "kto"}
+
+    default = kto(GOOD_SPEC)
+    assert {p["batch_unit"] for p in default.values()} == {"pairs"}
+    assert not set(default) & KTO_IDS_BEFORE_BATCH_UNIT  # a new meaning gets new ids
+    old = kto(GOOD_SPEC + "[train.kto]\nbatch_unit = 'examples'\n")
+    assert set(old) == KTO_IDS_BEFORE_BATCH_UNIT and all("batch_unit" not in p for p in old.values())
+    assert kto(GOOD_SPEC + "[train.kto]\nbatch_unit = 'pairs'\n") == default

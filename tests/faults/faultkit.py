@@ -128,6 +128,38 @@ def scontrol_show(job_id: str) -> dict:
     return out
 
 
+def release_if_held(job_id: str) -> None:
+    """SLURM holds a requeued job until BeginTime (about 2 minutes); start it now. Returns
+    None so that `wait_until(lambda: release_if_held(j) or cond(), ...)` keeps polling."""
+    info = scontrol_show(job_id)
+    if info.get("JobState") == "PENDING" and info.get("Reason") in ("BeginTime", "JobHeldAdmin"):
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                       capture_output=True, timeout=60)
+
+
+def job_pids(job_id: str) -> dict[int, int]:
+    """SLURM_PROCID -> pid of a job's python (submitit) processes on this node."""
+    raw = scontrol_show(job_id).get("JobId")     # listpids wants the plain job id, not A_i
+    p = subprocess.run(["scontrol", "listpids", raw], capture_output=True, text=True,
+                       timeout=60)
+    out = {}
+    for line in p.stdout.splitlines()[1:]:
+        pid = line.split()[0]
+        if not pid.isdigit():
+            continue
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"submitit" not in cmd:
+            continue
+        for kv in env:
+            if kv.startswith(b"SLURM_PROCID="):
+                out[int(kv.split(b"=")[1])] = int(pid)
+    return out
+
+
 def wait_until(cond, timeout: float, what: str, poll: float = 0.5):
     """Poll cond() until it returns something truthy; fail with `what` after timeout s."""
     end = time.time() + timeout

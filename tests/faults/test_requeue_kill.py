@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from faultkit import CLI, scontrol_show, sync_until_done, wait_until, write_grid
+from faultkit import CLI, job_pids, release_if_held, scontrol_show, sync_until_done, wait_until, write_grid
 
 pytestmark = [pytest.mark.fault, pytest.mark.slurm, pytest.mark.slow]
 
@@ -22,14 +22,6 @@ def _newest_checkpoint(stage_dir) -> int:
     steps = [int(p.name[5:]) for p in ck.glob("step-*") if (p / "meta.json").exists()] \
         if ck.exists() else []
     return max(steps, default=0)
-
-
-def _release_if_held(job_id: str) -> None:
-    """SLURM holds a requeued job until BeginTime (about 2 minutes); start it now."""
-    info = scontrol_show(job_id)
-    if info.get("JobState") == "PENDING" and info.get("Reason") in ("BeginTime", "JobHeldAdmin"):
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
-                       capture_output=True, timeout=60)
 
 
 def _stage(cli: CLI, kind: str) -> str:
@@ -58,7 +50,7 @@ def test_scontrol_requeue_resumes_from_the_newest_checkpoint(scli, tiny_model, f
     assert p.returncode == 0, p.stderr
     # The job comes back (PENDING, then RUNNING again) and finishes.
     wait_until(lambda: scontrol_show(job).get("Restarts", "0") != "0", 60, "the requeue")
-    wait_until(lambda: _release_if_held(job) or (sd / "result.json").exists(), 240,
+    wait_until(lambda: release_if_held(job) or (sd / "result.json").exists(), 240,
                "the requeued job to finish", poll=1.0)
     recover_s = time.time() - t_requeue
     st = sync_until_done(cli, timeout=120)
@@ -81,29 +73,6 @@ def test_scontrol_requeue_resumes_from_the_newest_checkpoint(scli, tiny_model, f
            resumed_from=result["resumed_from_step"], recover_s=recover_s, rows_checked=n + len(atts))
 
 
-def _rank_pids(job_id: str) -> dict[int, int]:
-    """SLURM_PROCID -> pid of the job's python processes on this node."""
-    raw = scontrol_show(job_id).get("JobId")     # listpids wants the plain job id, not A_i
-    p = subprocess.run(["scontrol", "listpids", raw], capture_output=True, text=True,
-                       timeout=60)
-    out = {}
-    for line in p.stdout.splitlines()[1:]:
-        pid = line.split()[0]
-        if not pid.isdigit():
-            continue
-        try:
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if b"submitit" not in cmd:
-            continue
-        for kv in env:
-            if kv.startswith(b"SLURM_PROCID="):
-                out[int(kv.split(b"=")[1])] = int(pid)
-    return out
-
-
 def test_kill_one_rank_ends_the_job_and_resubmit_resumes(scli, tiny_model, figure):
     cli, tmp_path = scli, scli.root
     grid = write_grid(tmp_path / "g.toml", tiny_model, budgets=(192,), epochs=4, every=8,
@@ -113,7 +82,7 @@ def test_kill_one_rank_ends_the_job_and_resubmit_resumes(scli, tiny_model, figur
     sd = cli.workdir / "stages" / sft
     job = cli.rows("SELECT job_id FROM attempts WHERE stage_id = ?", (sft,))[0][0]
     saved = wait_until(lambda: _newest_checkpoint(sd), 180, "a first checkpoint", poll=0.1)
-    pids = wait_until(lambda: (lambda r: r if len(r) == 2 else None)(_rank_pids(job)), 30,
+    pids = wait_until(lambda: (lambda r: r if len(r) == 2 else None)(job_pids(job)), 30,
                       "two ranks")
     os.kill(pids[1], signal.SIGKILL)
     t_kill = time.time()

@@ -39,6 +39,9 @@ def register(tmp_path, text=SPEC):
     return led, plan
 
 
+from tests.conftest import block, record_attempt  # noqa: E402
+
+
 def record(led, plan, score, fail=(), skip=(), gpu_seconds=36.0, base_score=0.0):
     """Run every point 'by hand': each stage of its chain gets an attempt and a result.
 
@@ -58,21 +61,18 @@ def _record(led, plan, score, fail, skip, gpu_seconds, base_score):
             if sid in done:
                 continue
             if p.point_id in fail and i == len(chain) - 2:
-                aid = led.begin_attempt(sid, "local")
-                led.update_attempt(aid, outcome="FAILED", cpu_seconds=5.0)
-                led.set_stage_state(sid, "FAILED", "RuntimeError: boom")
+                record_attempt(led, sid, "FAILED", error="RuntimeError: boom", cpu_seconds=5.0)
                 for later in chain[i + 1:]:
-                    led.set_stage_state(later, "BLOCKED")
+                    block(led, later)
                 break
-            aid = led.begin_attempt(sid, "local")
-            led.update_attempt(aid, gpu_seconds=gpu_seconds, cpu_seconds=2 * gpu_seconds)
             kind = plan.stages[sid].kind
             result = {"stage_id": sid, "kind": kind, "metrics": {"loss": 0.5}}
             if kind == "eval":
                 value = base_score if p.method == "base" else score(p)
                 result = {"stage_id": sid, "kind": "eval", "primary_metric": "accuracy",
                           "metrics": {"accuracy": value, "format_rate": 1.0}}
-            led.record_result(sid, aid, result)
+            record_attempt(led, sid, "COMPLETED", result=result, gpu_seconds=gpu_seconds,
+                           cpu_seconds=2 * gpu_seconds)
             done.add(sid)
 
 

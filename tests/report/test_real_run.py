@@ -74,7 +74,7 @@ def test_json_csv_and_plot_of_a_real_run(real):
     from budgetlab.ledger import Ledger
 
     led = Ledger(root / "ledger.db", create=False)
-    points = {p["point_id"]: p for p in led.points()}
+    points = {p["point_id"]: p for p in led.point_status()}
     for c in data["cells"]:
         assert c["status"] == "COMPLETED" and 0.0 <= c["score"] <= 1.0
         assert (c["n_sft"], c["n_pft"]) == allocate(8, c["sft_fraction"], 1.0, 1.0)

@@ -87,7 +87,7 @@ def test_reprice_maps_budgets_and_reuses_measured_points(surface_ledger, cli):
     assert rep.repriced and rep.costs == {"sft": 2.0, "pair": 1.0}
     # Measured points, matched independently of content ids: same chain shape and counts.
     measured = {(p["method"], p["n_sft"], p["n_pft"], p["seed"])
-                for p in led.points() if p["eval_state"] == "COMPLETED"}
+                for p in led.point_status() if p["eval_state"] == "COMPLETED"}
     for c in rep.cells:
         n_sft, n_pft = allocate(c["budget"], c["sft_fraction"], 2.0, 1.0)
         assert (c["n_sft"], c["n_pft"]) == (n_sft, n_pft)
@@ -108,7 +108,7 @@ def test_reprice_maps_budgets_and_reuses_measured_points(surface_ledger, cli):
     from budgetlab.graph import build_plan
     import dataclasses
     new = build_plan(dataclasses.replace(plan.spec, costs={**plan.spec.costs, "sft_example": 2.0}))
-    done = {s["stage_id"] for s in led.stages() if s["state"] == "COMPLETED"}
+    done = {s.stage_id for s in led.stages() if s.state == "COMPLETED"}
     assert rep.totals["stages_to_run"] == len(set(new.stages) - done)
 
     r = cli("report", "surf", "--cost", "sft=2,pair=1")
@@ -180,7 +180,7 @@ def test_reprice_arithmetic_at_any_costs(tmp_path, surf):
     led, plan = surf.register(tmp_path)
     surf.record(led, plan, surf.paper_surface)
     measured = {(p["method"], p["n_sft"], p["n_pft"], p["seed"])
-                for p in led.points() if p["eval_state"] == "COMPLETED"}
+                for p in led.point_status() if p["eval_state"] == "COMPLETED"}
     price = st.sampled_from([0.25, 0.5, 1.0, 1.5, 2.0, 4.0, 10.0, 100.0])
 
     @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
@@ -196,3 +196,22 @@ def test_reprice_arithmetic_at_any_costs(tmp_path, surf):
             seed = None if method == "base" else c["seed"]
             assert (c["status"] == "COMPLETED") == ((method, n_sft, n_pft, seed) in measured)
     check()
+
+
+def test_reprice_after_a_data_file_moved(tmp_path, surf, monkeypatch):
+    """Re-pricing rebuilds the plan from the spec as resolved at registration (content
+    hashes), not by parsing the stored text against today's files: a data file moved (or
+    deleted) since changes nothing. Before, every re-priced cell became NOT_RUN or the
+    report refused to rebuild the spec."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(f'{{"prompt": "Q: {i}+1?", "response": "A: {i}+1={i + 1}. '
+                            f'#### {i + 1}"}}\n' for i in range(2000)))
+    led, plan = surf.register(tmp_path, surf.SPEC + '\n[data.arith]\nsft = "sft.jsonl"\n')
+    surf.record(led, plan, surf.paper_surface)
+    before = build_report(led, "surf", costs={"sft": 2.0, "pair": 1.0})
+    reused = sum(c["status"] == "COMPLETED" for c in before.cells)
+    assert reused > 0
+    data.rename(tmp_path / "moved.jsonl")
+    after = build_report(led, "surf", costs={"sft": 2.0, "pair": 1.0})
+    assert after.to_json() == before.to_json()

@@ -91,6 +91,65 @@ def test_bad_engine(tmp_path):
         run_stage(stage, spec, DistEnv())
 
 
+def test_sampling_is_seeded_and_greedy_is_temperature_zero(toy):
+    from budgetlab.evaluate import generate
+    from budgetlab.tasks import get_task
+
+    tok, model = toy
+    task = get_task("arith")
+    prompts = [task.format_prompt(tok, e["prompt"]) for e in task.eval_set()[:4]]
+    greedy, _ = generate(model, tok, prompts, 8, 4)
+    assert generate(model, tok, prompts, 8, 4, temperature=0.0, seed=9)[0] == greedy
+    a, _ = generate(model, tok, prompts, 8, 4, temperature=1.5, top_p=0.9, seed=5)
+    b, _ = generate(model, tok, prompts, 8, 4, temperature=1.5, top_p=0.9, seed=5)
+    c, _ = generate(model, tok, prompts, 8, 4, temperature=1.5, top_p=0.9, seed=6)
+    assert a == b and a != c and a != greedy
+
+
+def test_prompt_protocol(toy):
+    from budgetlab.evaluate import format_eval_prompt, stop_strings_for
+    from budgetlab.tasks import get_task
+
+    tok, _ = toy
+    gsm8k, arith = get_task("gsm8k"), get_task("arith")
+    proto = {"chat_template": "chatml", "system_prompt": "Be brief.",
+             "prompt_template": "Question: {prompt}\nAnswer:"}
+    assert format_eval_prompt(gsm8k, tok, "What is 2+2?", proto) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQuestion: What is 2+2?\n"
+        "Answer:<|im_end|>\n<|im_start|>assistant\n")
+    assert stop_strings_for(gsm8k, proto) == ("Question:", "<|im_end|>", "</s>")
+    # No system prompt: no system turn. Defaults: the task's own format, unchanged.
+    assert format_eval_prompt(gsm8k, tok, "x", {"chat_template": "chatml", "system_prompt": ""}) \
+        == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+    assert format_eval_prompt(arith, tok, "What is 2+2?", {}) == "Q: What is 2+2? A: "
+    assert format_eval_prompt(arith, tok, "2+2?", {"chat_template": "none",
+                                                   "prompt_template": "Q: {prompt} A:"}) \
+        == "Q: 2+2? A:"
+    with pytest.raises(ValueError, match="has no chat template"):
+        format_eval_prompt(arith, tok, "x", {"chat_template": "tokenizer"})
+
+
+def test_run_stage_samples_mean_and_spread(tmp_path):
+    import statistics
+
+    from budgetlab.dist import DistEnv
+    from budgetlab.evaluate import run_stage
+
+    stage, spec = _eval_spec(tmp_path, samples=3, temperature=1.5, top_p=0.9, seed=1, limit=5,
+                             max_new_tokens=10)
+    result = run_stage(stage, spec, DistEnv())
+    rows = [json.loads(line) for line in (stage.root / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 15 and {r["sample"] for r in rows} == {0, 1, 2}
+    assert result["samples"] == 3 and result["n_examples"] == 5
+    flex = [sum(r["scores"]["accuracy_flexible"] for r in rows if r["sample"] == j) / 5
+            for j in range(3)]
+    assert [m["accuracy_flexible"] for m in result["metrics_per_sample"]] == pytest.approx(flex)
+    assert result["metrics"]["accuracy_flexible"] == pytest.approx(statistics.mean(flex))
+    assert result["metrics_std"]["accuracy_flexible"] == pytest.approx(statistics.stdev(flex))
+    # the samples differ (sampling at temperature 1.5, a seed of its own each)
+    assert len({tuple(r["prediction"] for r in rows if r["sample"] == j) for j in range(3)}) == 3
+
+
 @pytest.mark.slow
 def test_sharded_eval_matches_single(tmp_path):
     """Two ranks (gloo) through the worker CLI give the same predictions as one process."""
@@ -162,3 +221,15 @@ def test_pretraining_corpus_never_shows_the_answer_format():
     text = "\n".join(docs)
     assert "####" not in text and "Q:" not in text and "A:" not in text
     assert "=" in text and "How many" in text
+
+
+def test_each_vllm_rank_is_pinned_to_its_gpu():
+    from budgetlab.evaluate import pin_rank_gpu
+
+    env = {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    assert pin_rank_gpu(2, env) == "6" and env["CUDA_VISIBLE_DEVICES"] == "6"
+    env = {"CUDA_VISIBLE_DEVICES": "3"}          # SLURM gave the rank one GPU already
+    assert pin_rank_gpu(0, env) == "3" and env["CUDA_VISIBLE_DEVICES"] == "3"
+    assert pin_rank_gpu(0, {"CUDA_VISIBLE_DEVICES": ""}) is None
+    with pytest.raises(ValueError, match="local rank 2 but only 2 visible GPU"):
+        pin_rank_gpu(2, {"CUDA_VISIBLE_DEVICES": "0,1"})

@@ -67,18 +67,24 @@ def test_gsm8k_rows_dedupe_and_eval_exclusion():
     assert [e["answer"] for e in ev] == ["18", "3", "70000"]
 
 
-@pytest.mark.parametrize("text,answer,strict,flexible", [
-    ("so 9*2 = 18.\n#### 18", "18", 1, 1),
-    ("#### $70,000", "70000", 1, 1),
-    ("The answer is 70,000.", "70000", 0, 1),
-    ("#### 17\nwait, 18", "18", 0, 1),
-    ("#### 18.00", "18", 1, 1),
-    ("no number here", "3", 0, 0),
-    ("#### -4", "-4", 1, 1),
+@pytest.mark.parametrize("text,answer,strict,flexible,numeric", [
+    # lm-evaluation-harness's gsm8k: '#### <digits>' strict, the last number flexible,
+    # compared as text after dropping ',', '$' and a final '.'; numeric_match is our lenient one.
+    ("so 9*2 = 18.\n#### 18", "18", 1, 1, 1),
+    ("#### $70,000", "70000", 0, 1, 1),
+    ("#### 70,000", "70000", 1, 1, 1),
+    ("The answer is 70,000.", "70000", 0, 1, 0),
+    ("#### 17\nwait, 18", "18", 0, 1, 0),
+    ("#### 18.00", "18", 0, 0, 1),
+    ("####18", "18", 0, 1, 1),
+    ("#### 1766.00 apples", "1766", 0, 0, 1),
+    ("no number here", "3", 0, 0, 0),
+    ("#### -4", "-4", 1, 1, 1),
 ])
-def test_gsm8k_scores(text, answer, strict, flexible):
-    assert score_numeric(text, answer) == {"exact_match_strict": strict,
-                                           "exact_match_flexible": flexible}
+def test_gsm8k_scores(text, answer, strict, flexible, numeric):
+    assert score_numeric(text, answer) == {"strict_match": strict, "flexible_extract": flexible,
+                                           "numeric_match": numeric}
+    assert get_task("gsm8k").score(text, {"answer": answer})["strict_match"] == strict
 
 
 def test_ifeval_scores_instructions():
@@ -95,6 +101,32 @@ def test_ifeval_scores_instructions():
     agg = task.aggregate([s, good])
     assert agg["inst_level_strict_acc"] == pytest.approx(3 / 4)
     assert agg["prompt_level_strict_acc"] == pytest.approx(1 / 2)
+
+
+def test_ifeval_uncheckable_instruction_counts_as_not_followed():
+    """number_sentences needs NLTK's punkt data: without it the instruction is not followed,
+    stays in the denominators and is counted; with it, it is checked."""
+    import nltk
+
+    task = get_task("ifeval")
+    example = task.parse_eval({"prompt": "Write two sentences.", "instruction_id_list": [
+        "length_constraints:number_sentences", "change_case:english_lowercase"],
+        "kwargs": [{"relation": "less than", "num_sentences": 3}, {}]})
+    s = task.score("the sea is calm. the sky is blue.", example)
+    assert s["instructions"] == 2
+    try:
+        nltk.data.load("nltk:tokenizers/punkt/english.pickle")   # what the check loads
+        have_punkt = True
+    except LookupError:
+        have_punkt = False
+    if have_punkt:
+        assert s["instructions_uncheckable"] == 0 and s["prompt_level_strict_acc"] == 1.0
+    else:
+        assert s["instructions_uncheckable"] == 1
+        assert s["instructions_followed_strict"] == 1 and s["prompt_level_strict_acc"] == 0.0
+    agg = task.aggregate([s])
+    assert agg["instructions"] == 2
+    assert agg["inst_level_strict_acc"] == (1.0 if have_punkt else 0.5)
 
 
 def test_ifeval_unknown_instruction_is_an_error(tmp_path):

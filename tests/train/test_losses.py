@@ -81,13 +81,18 @@ def test_kto_kl_is_clamped_mean_and_detached():
 
 
 def test_kto_loss_desirable_and_undesirable():
-    pol, ref = [-2.0, -3.0, -1.0], [-2.5, -2.0, -1.5]
-    good = [True, False, True]
+    # Hand-picked so that every sigmoid is a fraction: beta * (logratio - kl) = +-ln 3 or 0,
+    # and sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4, sigmoid(0) = 1/2 (Ethayarajh et al. 2024:
+    # desirable w_d * (1 - s(beta (r - z))), undesirable w_u * (1 - s(beta (z - r)))).
     kl, beta, wd, wu = 0.2, 0.5, 1.0, 1.33
-    loss, rewards = losses.kto_loss(torch.tensor(pol), torch.tensor(ref), torch.tensor(good),
+    ln3 = math.log(3)
+    logratio = [kl + 2 * ln3, kl + 2 * ln3, kl, kl - 2 * ln3]
+    ref = [-2.5, -2.0, -1.5, -4.0]
+    pol = [r + x for r, x in zip(ref, logratio)]
+    good = [True, False, True, False]
+    want = [wd * (1 - 3 / 4), wu * (1 - 1 / 4), wd * (1 - 1 / 2), wu * (1 - 3 / 4)]
+    loss, rewards = losses.kto_loss(torch.tensor(pol, dtype=torch.float64),
+                                    torch.tensor(ref, dtype=torch.float64), torch.tensor(good),
                                     torch.tensor(kl), beta, wd, wu)
-    for i in range(3):
-        lr = pol[i] - ref[i]
-        want = wd * (1 - sig(beta * (lr - kl))) if good[i] else wu * (1 - sig(beta * (kl - lr)))
-        assert loss[i].item() == pytest.approx(want, abs=1e-6)
-        assert rewards[i].item() == pytest.approx(beta * lr, abs=1e-6)
+    assert loss.tolist() == pytest.approx(want, abs=1e-9)
+    assert rewards.tolist() == pytest.approx([ln3 + 0.1, ln3 + 0.1, 0.1, 0.1 - ln3], abs=1e-9)

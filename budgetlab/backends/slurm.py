@@ -10,6 +10,8 @@ line written by submitit (shlex-quoted), never through a shell command line.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import re
@@ -22,9 +24,10 @@ import submitit
 from submitit.core import utils as submitit_utils
 from submitit.slurm.slurm import SlurmJob
 
+from budgetlab.backends.base import Backend, Poll, Unit
+from budgetlab.backends.job import StageJob
+from budgetlab.datamodel import JobRecord
 from budgetlab.errors import BadInput, RuntimeFailure
-from budgetlab.executors.core import Unit, dumps, safe_name
-from budgetlab.executors.job import StageJob
 
 NAME = "slurm"
 DEFAULT_MAX_ARRAY_SIZE = 1001   # SLURM's default MaxArraySize
@@ -104,14 +107,12 @@ class _Array:
     dependency: str | None
 
 
-class SlurmBackend:
+class SlurmBackend(Backend):
     name = NAME
 
-    def __init__(self, workdir: Path, settings: dict):
-        self.workdir = Path(workdir).resolve()
-        self.settings = settings or {}
+    def __init__(self, workdir: Path, settings: dict | None = None):
+        super().__init__(workdir, settings)
         self.folder = self.workdir / "submitit"
-        self.sbatch_calls = 0
         self.setup: list[str] = []
 
     def _executor(self) -> ArrayExecutor:
@@ -128,8 +129,7 @@ class SlurmBackend:
         import hashlib
         import shutil
 
-        import budgetlab
-        src = Path(budgetlab.__file__).resolve().parent
+        src = Path(__file__).resolve().parents[1]   # the budgetlab package
         h = hashlib.sha256()
         for f in sorted(src.rglob("*.py")):
             h.update(str(f.relative_to(src)).encode())
@@ -143,8 +143,9 @@ class SlurmBackend:
             tmp.rename(dest)
         return dest
 
-    def submit(self, units: list[Unit]) -> None:
-        """Give every unit a job id ("A_i"): arrays in dependency waves."""
+    def submit(self, units: list[Unit], on_submitted=None) -> None:
+        """Give every unit a job id ("A_i"): arrays in dependency waves; on_submitted(units)
+        right after each sbatch, so that the ids are recorded before the next one."""
         self._executor()  # fails early with a clear message when SLURM is absent
         self.setup = []
         if self.settings.get("snapshot_code"):
@@ -160,13 +161,15 @@ class SlurmBackend:
                 raise RuntimeFailure("executor slurm: dependency cycle among units")
             for arr in self._arrays(ready, max_size):
                 self._submit_array(self._executor(), arr, parallel)
+                if on_submitted is not None:
+                    on_submitted(arr.units)
             pending = [u for u in pending if u.job_id is None]
 
     def _arrays(self, units: list[Unit], max_size: int) -> list[_Array]:
         groups: dict[tuple, _Array] = {}
         roots: dict[tuple, list[Unit]] = {}
         for u in units:
-            shape = (u.kind, dumps(u.resources))   # one array even if some carry an eval
+            shape = (u.kind, json.dumps(u.resources, sort_keys=True))  # evals ride along
             parent_job = u.parent_unit.job_id if u.parent_unit else u.after_job
             if parent_job is None:
                 roots.setdefault(shape, []).append(u)
@@ -207,6 +210,8 @@ class SlurmBackend:
         if arr.dependency:
             params["dependency"] = arr.dependency
         ex.update_parameters(**params)
+        # submitit's own cap on timeout requeues, before our handler takes over in the job
+        ex.max_num_timeout = int(res.get("max_requeues", 3))
         fns = [StageJob(u.stage_dirs(self.workdir)) for u in arr.units]
         self.sbatch_calls += 1
         try:
@@ -217,11 +222,71 @@ class SlurmBackend:
             u.job_id = f"{job}_{i}"
             u.log_path = log_path(self.folder, u.job_id)
 
-    # -- cancel -------------------------------------------------------------------------
+    # -- the scheduler's side ------------------------------------------------------------
     def cancel(self, job_ids: list[str]) -> None:
         for i in range(0, len(job_ids), 500):
             subprocess.run(["scancel", *job_ids[i:i + 500]], capture_output=True, text=True,
                            timeout=120)
+
+    def release(self, job_ids: list[str]) -> None:
+        """Drop the dependency of jobs whose parent stage completed although its job did not
+        (e.g. killed after writing result.json): they would wait for ever otherwise."""
+        for jid in job_ids:
+            subprocess.run(["scontrol", "update", f"JobId={jid}", "Dependency="],
+                           capture_output=True, text=True, timeout=60)
+
+    def poll(self, job_ids: list[str]) -> Poll:
+        """Every run of these jobs: ONE sacct call (squeue where accounting is disabled)."""
+        global _said_no_accounting
+        out = Poll(runs={})
+        down = controller_down()
+        if down:
+            # sacct still answers (slurmdbd), but what it says about running jobs is frozen
+            # and jobs cannot end or start: nothing is judged lost until it is back.
+            out.controller_down = down
+            out.notes.append(f"warning: the SLURM controller does not answer ({down}); "
+                             f"scheduler states are from accounting and may be stale, "
+                             f"nothing is marked MISSING until it is back")
+        try:
+            out.sacct_calls += 1
+            out.runs = sacct(job_ids)
+            unknown = [j for j in job_ids if j not in out.runs]
+            if unknown:   # not in accounting yet (a held job is sent there once eligible)
+                out.squeue_calls += 1
+                out.runs.update(squeue(unknown))
+        except AccountingDisabled as e:
+            if not _said_no_accounting:
+                out.notes.append(f"SLURM accounting is disabled ({e}): using squeue and the "
+                                 f"stage directories; a job that leaves the queue without "
+                                 f"result.json or error.json becomes MISSING")
+                _said_no_accounting = True
+            out.squeue_calls += 1
+            out.accounting = False
+            out.runs = squeue(job_ids)
+        if not down:
+            states = node_states()
+            if states is not None:
+                out.nodes_up = sorted(n for n, s in states.items() if node_is_up(s))
+                out.nodes_down = sorted(n for n, s in states.items() if not node_is_up(s))
+                out.runs = {j: [_with_failed_nodes(r, out.nodes_down) for r in runs]
+                            for j, runs in out.runs.items()}
+        return out
+
+    def find_by_name(self, names: list[str]) -> dict[str, list[str]]:
+        """name -> array job ids (every array of that name: one submission made several)."""
+        if not names:
+            return {}
+        p = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%F|%j", "-n", ",".join(names)],
+                           capture_output=True, text=True, timeout=300)
+        out: dict[str, list[str]] = {}
+        for line in p.stdout.splitlines():
+            jid, _, name = line.partition("|")
+            if jid and jid not in out.get(name, []):
+                out.setdefault(name, []).append(jid)
+        return out
+
+
+_said_no_accounting = False
 
 
 def have_slurm() -> bool:
@@ -231,22 +296,6 @@ def have_slurm() -> bool:
 
 
 # -- reading the scheduler ----------------------------------------------------------------
-@dataclass
-class JobRecord:
-    """One run of one job (a requeued job has several, oldest first)."""
-    job_id: str
-    raw_state: str
-    reason: str = ""
-    exit_code: str = ""
-    submit: float | None = None
-    start: float | None = None
-    end: float | None = None
-    elapsed: float = 0.0
-    nodes: str = ""
-    gpus: int = 0
-    cpus: int = 0
-
-
 SACCT_FIELDS = "JobID,State,Reason,ExitCode,Submit,Start,End,ElapsedRaw,NodeList,AllocTRES"
 ACCOUNTING_DISABLED = ("accounting storage is disabled", "slurmdbd", "not running a supported")
 
@@ -329,15 +378,67 @@ def sacct(job_ids: list[str]) -> dict[str, list[JobRecord]]:
 def squeue(job_ids: list[str]) -> dict[str, list[JobRecord]]:
     """What slurmctld still holds (no accounting): one squeue call, one run per job."""
     p = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T|%r|%V|%S|%N"],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, SLURM_TIME_FORMAT="%s"))
     if p.returncode != 0:
         raise RuntimeFailure(f"squeue failed: {p.stderr.strip()}")
     wanted, out = set(job_ids), {}
     for line in p.stdout.splitlines():
         f = line.split("|")
         if len(f) >= 6 and f[0] in wanted:
-            out[f[0]] = [JobRecord(job_id=f[0], raw_state=f[1], reason=f[2], nodes=f[5])]
+            out[f[0]] = [JobRecord(job_id=f[0], raw_state=f[1], reason=f[2], nodes=f[5],
+                                   submit=_epoch(f[3]), start=_epoch(f[4]))]
     return out
+
+
+# -- nodes -----------------------------------------------------------------------------------
+NODE_FAIL_STATES = ("NODE_FAIL", "BOOT_FAIL")
+
+
+def node_states() -> dict[str, str] | None:
+    """node -> its state as sinfo prints it ("idle", "mixed", "down*", "allocated*" ...),
+    in one sinfo call; None if sinfo fails."""
+    try:
+        p = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%T"], capture_output=True,
+                           text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if p.returncode != 0:
+        return None
+    out: dict[str, str] = {}
+    for line in p.stdout.splitlines():
+        name, _, state = line.strip().partition("|")
+        if name:
+            out[name] = state.lower()
+    return out
+
+
+def node_is_up(state: str) -> bool:
+    """A node that can run jobs: not down, drained or failing, and answering (no `*`)."""
+    s = state.lower()
+    return not s.endswith("*") and not s.startswith(("down", "drain", "fail", "maint",
+                                                     "future", "unknown", "boot", "power"))
+
+
+def hostnames(nodelist: str) -> list[str]:
+    """"n[1-2],gpu7" -> ["n1", "n2", "gpu7"] (submitit's parser: no scontrol call)."""
+    from submitit.slurm.slurm import _parse_node_list
+
+    if not nodelist or nodelist in ("None assigned", "(null)"):
+        return []
+    try:
+        return _parse_node_list(nodelist)
+    except Exception:   # a format the parser does not know: the list as it is
+        return [x for x in nodelist.split(",") if x]
+
+
+def _with_failed_nodes(rec: JobRecord, down: list[str]) -> JobRecord:
+    """A NODE_FAIL run with the nodes of its allocation that are down now: the ones that
+    failed (sacct lists the whole allocation)."""
+    if rec.raw_state not in NODE_FAIL_STATES:
+        return rec
+    failed = [n for n in hostnames(rec.nodes) if n in set(down)]
+    return dataclasses.replace(rec, failed_nodes=",".join(failed))
 
 
 def controller_down() -> str | None:
@@ -352,17 +453,5 @@ def controller_down() -> str | None:
     return " ".join(out.split()) or f"scontrol ping exited {p.returncode}"
 
 
-def jobs_by_name(names: list[str]) -> dict[str, str]:
-    """name -> array job id, for attempts whose submission crashed before the job id was
-    recorded (squeue sees queued and recent jobs)."""
-    p = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%F|%j", "-n", ",".join(names)],
-                       capture_output=True, text=True, timeout=300)
-    out = {}
-    for line in p.stdout.splitlines():
-        jid, _, name = line.partition("|")
-        out.setdefault(name, jid)
-    return out
-
-
 def _copy(rec: JobRecord, jid: str) -> JobRecord:
-    return JobRecord(**{**rec.__dict__, "job_id": jid})
+    return dataclasses.replace(rec, job_id=jid)

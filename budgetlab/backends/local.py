@@ -6,6 +6,8 @@ They talk through files under <workdir>/local/:
     jobs/<id>.job.json     written once by `submit`: stage dirs, resources, what it waits for
     jobs/<id>.state.json   written by the runner only: state, times, exit code, pid
     jobs/<id>.cancel       written by `cancel`: the runner stops the job
+    jobs/<id>.release      written by `sync`: start without waiting for `after` (its stage
+                           completed although its job did not)
     runner.lock            flock held by the one live runner
     config.json            max_parallel
 
@@ -13,7 +15,7 @@ States mirror SLURM's words so that sync reads them the way it reads sacct: PEND
 RUNNING, COMPLETED, FAILED, CANCELLED, and PENDING with reason DependencyNeverSatisfied
 when the job it waits for did not complete.
 
-    python -m budgetlab.executors.local WORKDIR      the runner (started by submit/sync)
+    python -m budgetlab.backends.local WORKDIR      the runner (started by submit/sync)
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from budgetlab.executors.core import Unit
+from budgetlab.backends.base import Backend, Poll, Unit
+from budgetlab.datamodel import JobRecord
 from budgetlab.stagedir import atomic_write_json
 
 NAME = "local"
@@ -47,14 +50,13 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     name = NAME
 
-    def __init__(self, workdir: Path, settings: dict):
-        self.workdir = Path(workdir).resolve()
+    def __init__(self, workdir: Path, settings: dict | None = None):
+        super().__init__(workdir, settings)
         self.dir = local_dir(self.workdir)
-        self.max_parallel = int((settings or {}).get("max_parallel") or 2)
-        self.sbatch_calls = 0
+        self.max_parallel = int(self.settings.get("max_parallel") or 2)
 
     def _next_ids(self, n: int) -> list[str]:
         (self.dir / "jobs").mkdir(parents=True, exist_ok=True)
@@ -65,7 +67,7 @@ class LocalBackend:
             path.write_text(str(start + n))
         return [f"L{i}" for i in range(start, start + n)]
 
-    def submit(self, units: list[Unit]) -> None:
+    def submit(self, units: list[Unit], on_submitted=None) -> None:
         ids = self._next_ids(len(units))
         atomic_write_json(self.dir / "config.json", {"max_parallel": self.max_parallel})
         for u, jid in zip(units, ids):
@@ -79,12 +81,46 @@ class LocalBackend:
                 "resources": u.job_resources(), "log": u.log_path,
                 "submitted_at": time.time(), "name": u.job_name})
         self.sbatch_calls += 1
+        if on_submitted is not None:
+            on_submitted(units)
         ensure_runner(self.workdir)
 
     def cancel(self, job_ids: list[str]) -> None:
+        self._mark(job_ids, "cancel")
+
+    def release(self, job_ids: list[str]) -> None:
+        self._mark(job_ids, "release")
+
+    def _mark(self, job_ids: list[str], what: str) -> None:
+        (self.dir / "jobs").mkdir(parents=True, exist_ok=True)
         for jid in job_ids:
-            (self.dir / "jobs" / f"{jid}.cancel").touch()
+            (self.dir / "jobs" / f"{jid}.{what}").touch()
         ensure_runner(self.workdir)
+
+    def poll(self, job_ids: list[str]) -> Poll:
+        """The runner's state files, read as the scheduler records they stand for."""
+        now = time.time()
+        runs = {}
+        for jid, st in read_states(self.workdir, job_ids).items():
+            started = st.get("started_at")
+            runs[jid] = [JobRecord(
+                job_id=jid, raw_state=st.get("state", "PENDING"), reason=st.get("reason", ""),
+                exit_code=st.get("exit_code", ""), submit=st.get("submitted_at"),
+                start=started, end=st.get("ended_at"),
+                elapsed=((st.get("ended_at") or now) - started) if started else 0.0,
+                nodes=st.get("nodes", ""), cpus=int(st.get("cpus") or 1))]
+        if any(r[0].raw_state in ("PENDING", "RUNNING") for r in runs.values()):
+            ensure_runner(self.workdir)   # a runner that died or exited early is replaced
+        return Poll(runs=runs)
+
+    def find_by_name(self, names: list[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        wanted = set(names)
+        for p in (self.dir / "jobs").glob("*.job.json"):
+            job = _read(p)
+            if job and job.get("name") in wanted:
+                out.setdefault(job["name"], []).append(job["job_id"])
+        return out
 
 
 def ensure_runner(workdir: Path) -> bool:
@@ -98,7 +134,7 @@ def ensure_runner(workdir: Path) -> bool:
             return False
         fcntl.flock(f, fcntl.LOCK_UN)
     log = open(d / "runner.log", "ab")
-    subprocess.Popen([sys.executable, "-m", "budgetlab.executors.local", str(workdir)],
+    subprocess.Popen([sys.executable, "-m", "budgetlab.backends.local", str(workdir)],
                      stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                      close_fds=True)
     log.close()
@@ -111,8 +147,11 @@ def read_states(workdir: Path, job_ids: list[str]) -> dict[str, dict]:
     out = {}
     for jid in job_ids:
         st = _read(jobs / f"{jid}.state.json")
-        if st is None and (jobs / f"{jid}.job.json").exists():
-            st = {"job_id": jid, "state": "PENDING", "reason": "None"}
+        if st is None:
+            job = _read(jobs / f"{jid}.job.json")
+            if job is not None:
+                st = {"job_id": jid, "state": "PENDING", "reason": "None",
+                      "submitted_at": job.get("submitted_at")}
         if st is not None:
             out[jid] = st
     return out
@@ -173,7 +212,7 @@ class Runner:
                                    reason="the runner that started it exited")
                 continue
             after = job.get("after")
-            if after:
+            if after and not (self.jobs_dir / f"{jid}.release").exists():
                 dep = self.state(after)
                 dep_state = (dep or {}).get("state")
                 never = (dep or {}).get("reason") == "DependencyNeverSatisfied"
@@ -204,7 +243,7 @@ class Runner:
                            LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                            MASTER_PORT=str(port))
             procs.append(subprocess.Popen(
-                [sys.executable, "-u", "-m", "budgetlab.executors.job", *job["stage_dirs"]],
+                [sys.executable, "-u", "-m", "budgetlab.backends.job", *job["stage_dirs"]],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True))
         self.procs[jid] = procs
@@ -282,7 +321,7 @@ def _free_port() -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m budgetlab.executors.local WORKDIR", file=sys.stderr)
+        print("usage: python -m budgetlab.backends.local WORKDIR", file=sys.stderr)
         return 2
     Runner(Path(argv[0])).run()
     return 0

@@ -98,3 +98,29 @@ def preemptor_args() -> list[str]:
     nodes = sum(int(n) for n, _ in rows)
     cpus = min(int(c.rstrip("+")) for _, c in rows)   # every CPU of each node
     return ["-p", "urgent", "-N", str(nodes), "--ntasks-per-node", "1", "-c", str(cpus)]
+
+
+def drain_slurm_queue(timeout: float = 60) -> int:
+    """Cancel whatever a test left on the local test cluster and wait until its queue is
+    empty, so that the next test starts on idle nodes (a leftover job holding a node makes a
+    later test wait for resources and time out for no fault of its own). Returns how many
+    jobs were left. The cluster of slurm/cluster.sh serves the suite alone."""
+    import shutil
+    import subprocess
+    import time
+
+    if not shutil.which("squeue") or not os.environ.get("SLURM_CONF"):
+        return 0
+    q = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True, timeout=60)
+    left = [j for j in q.stdout.split() if j.strip()]
+    if not left:
+        return 0
+    subprocess.run(["scancel", *left], capture_output=True, timeout=60)
+    end = time.time() + timeout
+    while time.time() < end:
+        q = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True,
+                           timeout=60)
+        if not q.stdout.strip():
+            break
+        time.sleep(1)
+    return len(left)

@@ -74,6 +74,15 @@ def slurm_cluster():
 
 
 @pytest.fixture(autouse=True)
+def _idle_cluster_after(request):
+    """Each SLURM test leaves the cluster idle for the next one."""
+    yield
+    if "slurm_cluster" in request.fixturenames:
+        from tests.conftest import drain_slurm_queue
+        drain_slurm_queue()
+
+
+@pytest.fixture(autouse=True)
 def _cpu_env(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
 

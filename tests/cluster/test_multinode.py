@@ -40,7 +40,10 @@ def two_nodes(slurm_cluster):
 
 
 def multinode_grid(path, model, *, name, fractions=(1.0, 0.0), nodes=2, tasks=2, epochs=1,
-                   checkpoint_every=50, time_min=10, max_requeues=3):
+                   checkpoint_every=50, time_min=10, max_requeues=3, methods=("dpo",),
+                   zero: dict | None = None):
+    per_kind = "".join(f"[resources.{kind}]\nzero_stage = {z}\n"
+                       for kind, z in (zero or {}).items())
     path.write_text(f"""\
 name = "{name}"
 [grid]
@@ -48,7 +51,7 @@ tasks = ["arith"]
 models = ["{model}"]
 budgets = [16]
 sft_fractions = {list(fractions)}
-methods = ["dpo"]
+methods = {json.dumps(list(methods))}
 seeds = [0]
 [train]
 epochs = {epochs}
@@ -70,7 +73,7 @@ mem_gb = 1
 time_min = {time_min}
 checkpoint_every = {checkpoint_every}
 max_requeues = {max_requeues}
-""")
+{per_kind}""")
     return path
 
 
@@ -94,20 +97,24 @@ def run_one_process(spec_path, root) -> StageDir:
 
 
 def test_two_nodes_two_ranks_match_one_process(tmp_path, tiny_model, two_nodes):
-    """SFT and DPO stages on 2 nodes x 2 ranks (ZeRO-2): ranks 0-1 on one node, 2-3 on the
-    other, the rendezvous at the first host of the node list; the loss curve equals 1
-    process's within 1e-6, and only rank 0 wrote the result."""
-    plan = build_plan(load_spec(multinode_grid(tmp_path / "g.toml", tiny_model, name="mn")))
+    """SFT (ZeRO-3), DPO (ZeRO-2) and KTO (ZeRO-3) stages on 2 nodes x 2 ranks: ranks 0-1 on
+    one node, 2-3 on the other, the rendezvous at the first host of the node list; each loss
+    curve equals 1 process's within 1e-6, and only rank 0 wrote the result. (DPO under
+    ZeRO-3 and SFT/KTO under ZeRO-2 on several ranks: tests/train/test_multiprocess.py.)"""
+    zero = {"sft": 3, "dpo": 2, "kto": 3}
+    plan = build_plan(load_spec(multinode_grid(tmp_path / "g.toml", tiny_model, name="mn",
+                                               methods=("dpo", "kto"), zero=zero)))
     led, wd = Ledger(tmp_path / "ledger.db"), tmp_path / "runs"
     submit(led, plan, wd, executor="slurm")
     wait(led, wd, "mn", poll_s=3, timeout_s=900)
     bad = {s.stage_id: (s.state, s.error) for s in led.stages(grid="mn") if s.state != "COMPLETED"}
     assert not bad, bad
     trained = [s for s in led.stages(grid="mn") if s.kind != "eval"]
-    assert sorted(s.kind for s in trained) == ["dpo", "sft"]
+    assert sorted(s.kind for s in trained) == ["dpo", "kto", "sft"]
     for s in trained:
         stage = StageDir.of(wd, s.stage_id)
         assert s.result["world_size"] == 4
+        assert json.loads(stage.spec_path.read_text())["resources"]["zero_stage"] == zero[s.kind]
         att = led.latest_attempt(s.stage_id)
         assert att.nodes == "n[1-2]", att.nodes          # sacct: the job held both nodes
         # submitit wrote one log per task (2 per node).

@@ -18,6 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # faultkit: the helpers
 
 from faultkit import CLI, slurm_env  # noqa: E402
+from tests.conftest import drain_slurm_queue  # noqa: E402
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -101,3 +102,4 @@ def scli(tmp_path, slurm):
     yield cli
     if cli.ledger.exists():
         cli("cancel", timeout=120)
+    drain_slurm_queue()

@@ -160,16 +160,29 @@ def job_pids(job_id: str) -> dict[int, int]:
     return out
 
 
-def wait_until(cond, timeout: float, what: str, poll: float = 0.5):
-    """Poll cond() until it returns something truthy; fail with `what` after timeout s."""
+def wait_until(cond, timeout: float, what: str, poll: float = 0.5, detail=None):
+    """Poll cond() until it returns something truthy; fail with `what` after timeout s, and
+    with what `detail()` says (the state the wait ended in: what a stall report needs)."""
     end = time.time() + timeout
     while True:
         v = cond()
         if v:
             return v
         if time.time() > end:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            extra = ""
+            if detail is not None:
+                try:
+                    extra = f"\n{detail()}"
+                except Exception as e:   # the report must not hide the timeout
+                    extra = f"\n(no detail: {e!r})"
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{extra}")
         time.sleep(poll)
+
+
+def queue_snapshot() -> str:
+    """squeue as a user reads it, with each job's reason: for stall reports."""
+    return subprocess.run(["squeue", "-h", "-o", "%i %j %T %r %N"], capture_output=True,
+                          text=True, timeout=60).stdout
 
 
 def progress_step(stage_dir: Path) -> int:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import CLI, job_pids, release_if_held, scontrol_show, wait_until, write_grid
+from faultkit import (CLI, job_pids, queue_snapshot, release_if_held, scontrol_show, wait_until,
+                      write_grid)
 from tests.conftest import preemptor_args
 
 pytestmark = [pytest.mark.fault, pytest.mark.slurm, pytest.mark.slow]
@@ -36,7 +37,9 @@ def _attempts(cli: CLI, sid: str) -> list[dict]:
 
 def _done(cli: CLI, grid: str, timeout: float) -> dict:
     return wait_until(lambda: (lambda st: st if st["active"] == 0 else None)(
-        cli.json("status", grid)), timeout, f"grid {grid} to settle", poll=2)
+        cli.json("status", grid)), timeout, f"grid {grid} to settle", poll=2,
+        detail=lambda: f"{cli('status', grid).stdout}\n{json.dumps(_stages(cli))}\n"
+                       f"{queue_snapshot()}")
 
 
 def _squeue(*args) -> str:

@@ -48,12 +48,13 @@ def two_nodes(slurm):
         cluster("revive-node", n)
 
 
-def grid(cli, model, *, nodes, slurm_extra="", epochs=150):
+def grid(cli, model, *, nodes, slurm_extra="", epochs=60):
     extra = f"nodes = {nodes}\ntasks_per_node = 2\n"
     if slurm_extra:
         extra += f"[slurm]\n{slurm_extra}\n"
-    # 8 examples, batch 4: 2 steps per epoch; enough epochs to keep the job busy while its
-    # node is lost (the tiny model trains ~8 steps/s on 2 ranks); a checkpoint every 10 steps.
+    # 8 examples, batch 4: 2 steps per epoch; enough epochs that the job still trains when
+    # its node is lost at step 12 (the tiny model trains ~8 steps/s on 2 ranks), no more:
+    # the resumed run trains the rest; a checkpoint every 10 steps.
     return write_grid(cli.root / "g.toml", model, epochs=epochs, every=10,
                       micro=4 // (2 * nodes), extra=extra)
 
@@ -146,7 +147,7 @@ def test_no_requeue_stage_is_node_fail_and_resubmit_refuses_too_few_nodes(
 
 def test_resubmit_excludes_the_dead_node_while_it_is_down(scli, tiny_model, two_nodes, figure):
     g = grid(scli, tiny_model, nodes=1, slurm_extra='extra_sbatch = ["--no-requeue"]',
-             epochs=400)
+             epochs=120)
     scli("submit", g, "--executor", "slurm", check=True)
     sid = sft(scli)
     running_with_checkpoint(scli, sid)

@@ -263,6 +263,20 @@ class SlurmBackend(Backend):
             out.squeue_calls += 1
             out.accounting = False
             out.runs = squeue(job_ids)
+        if not down and out.accounting:
+            # sacct keeps the Reason a pending job had when it was recorded ("Dependency"),
+            # not DependencyNeverSatisfied once its parent's job failed: the live reason of
+            # those jobs from squeue (one call, only when such jobs wait), or a child whose
+            # parent completed before its job was killed waits for ever.
+            waiting = [j for j, runs in out.runs.items() if runs and
+                       runs[-1].raw_state == "PENDING" and runs[-1].reason.startswith("Dependency")]
+            if waiting:
+                out.squeue_calls += 1
+                live = squeue(waiting)
+                for j in waiting:
+                    if live.get(j):
+                        last = dataclasses.replace(out.runs[j][-1], reason=live[j][-1].reason)
+                        out.runs[j] = [*out.runs[j][:-1], last]
         if not down:
             states = node_states()
             if states is not None:

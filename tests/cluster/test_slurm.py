@@ -228,3 +228,32 @@ def test_reused_job_id_is_not_taken_for_an_old_job(tmp_path, grid_file, tiny_mod
     sync(led, wd)
     att = led.latest_attempt(sft.stage_id)
     assert att.outcome == "MISSING" and att.raw_state is None, att   # not the old COMPLETED
+
+
+def test_poll_reads_the_live_reason_of_a_job_whose_dependency_failed(slurm_cluster, tmp_path):
+    """sacct keeps "Dependency" as the reason of a pending array task after the task it
+    waits on (aftercorr) failed; squeue says DependencyNeverSatisfied. poll reports the
+    latter, which is what lets sync release a child whose parent stage completed before its
+    job was killed (tests/faults/test_no_stall.py)."""
+    from budgetlab.backends.slurm import SlurmBackend
+
+    def sbatch(*args):
+        return subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    parent = sbatch("--array=0-1", "--wrap", "sleep 2; [ $SLURM_ARRAY_TASK_ID = 0 ]")
+    child = sbatch("--array=0-1", f"--dependency=aftercorr:{parent}", "--wrap", "sleep 60")
+    try:
+        ids = [f"{child}_0", f"{child}_1"]
+
+        polls = []
+
+        def settled():
+            polls.append(SlurmBackend(tmp_path).poll(ids))
+            last = polls[-1].runs.get(ids[1])
+            return bool(last) and last[-1].reason == "DependencyNeverSatisfied"
+        _wait_for(settled, 60, "task 1 to wait for ever")
+        poll = polls[-1]
+        assert poll.sacct_calls == 1 and poll.squeue_calls == 1
+        assert poll.runs[ids[0]][-1].raw_state in ("RUNNING", "COMPLETED"), poll.runs
+    finally:
+        subprocess.run(["scancel", parent, child], capture_output=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
+import sys
 
 import pytest
 
@@ -18,10 +19,12 @@ def _campaign_module():
     spec = importlib.util.spec_from_file_location("fault_campaign",
                                                   REPO / "bench" / "fault_campaign.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod          # its dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
 
+@pytest.mark.timeout(2400)   # ten real runs of 30-120 s each (the suite's default is 600 s)
 def test_one_run_of_each_fault_kind_completes_with_nothing_lost(slurm, tmp_path, figure):
     nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True,
                            text=True, timeout=60).stdout.split()

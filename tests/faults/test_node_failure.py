@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from faultkit import REPO, progress_step, sync_until_done, wait_until, write_grid
+from faultkit import (REPO, progress_step, queue_snapshot, sync_until_done, wait_until,
+                      write_grid)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.fault, pytest.mark.slow]
 
@@ -147,7 +148,7 @@ def test_no_requeue_stage_is_node_fail_and_resubmit_refuses_too_few_nodes(
 
 def test_resubmit_excludes_the_dead_node_while_it_is_down(scli, tiny_model, two_nodes, figure):
     g = grid(scli, tiny_model, nodes=1, slurm_extra='extra_sbatch = ["--no-requeue"]',
-             epochs=120)
+             epochs=250)
     scli("submit", g, "--executor", "slurm", check=True)
     sid = sft(scli)
     running_with_checkpoint(scli, sid)
@@ -158,7 +159,8 @@ def test_resubmit_excludes_the_dead_node_while_it_is_down(scli, tiny_model, two_
     kill(two_nodes, node)
     wait_until(lambda: scli("sync") and scli.rows(
         "SELECT state FROM stages WHERE stage_id = ?", (sid,))[0][0] == "NODE_FAIL",
-        180, "the stage to be NODE_FAIL", poll=3)
+        180, "the stage to be NODE_FAIL", poll=3,
+        detail=lambda: f"{attempts(scli, sid)}\n{queue_snapshot()}")
     assert attempts(scli, sid)[-1][1] == node
     p = scli("resubmit", "f", check=True)
     assert f"exclude None -> {node}" in p.stdout, p.stdout

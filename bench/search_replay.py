@@ -1,0 +1,198 @@
+"""Replay `budgetlab search` against a grid measured in full, and against two baselines.
+
+    .venv/bin/python bench/search_replay.py [bench/data/toy_study.json] [--seeds 24] [--eta 3]
+
+The table (bench/toy_study.py) holds every cell's score per seed and every stage's
+CPU-seconds. Each search "measures" a cell by looking its score up, and pays the CPU-seconds
+of the stages of the cell's point that it has not paid yet (a stage shared by several cells,
+an SFT stage across budgets for instance, is paid once), exactly what a real run would cost.
+The truth at each (task, model, budget) is the best mean over all seeds of every candidate
+(method, SFT share); a search is right there when the split it returns has that mean (ties
+count as right). Regret = true mean of the best minus true mean of the split returned.
+
+Strategies, each run with search seeds 0..N-1 (the seed shuffles the order in which the
+grid's seeds are used, and breaks ties at random):
+  ladder        budgetlab search's default (successive halving per budget, seeds as the
+                fidelity, pools borrowed from the budget below)
+  sh            plain successive halving (every budget from every candidate; rungs of all
+                budgets together), capped at the ladder's compute of the same search seed
+  random        random cells (candidate, budget, seed) until the ladder's compute is spent
+  sh-full       plain successive halving run to its end (its own compute, for reference)
+RESULT lines come last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+
+from budgetlab.search import (SFT_ONLY, Observations, Request, Space, Strategy,
+                              breadth_first, ladder, run_search)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Table:
+    def __init__(self, data: dict):
+        self.data = data
+        self.stage_cost = {s: (v["cpu_seconds"] or 0.0) for s, v in data["stages"].items()}
+        self.cells = {}
+        for c in data["cells"]:
+            for seed, v in c["seeds"].items():
+                self.cells[(c.get("task", data["tasks"][0] if "tasks" in data else "arith"),
+                            c["model"], float(c["budget"]), c["method"],
+                            float(c["sft_fraction"]), int(seed))] = v
+        self.full_cost = sum(self.stage_cost[s] for s in
+                             {s for v in self.cells.values() for s in v["chain"]})
+
+    def spaces(self) -> list[Space]:
+        d = self.data
+        cands = []
+        for f in sorted(d["sft_fractions"], reverse=True):
+            cands += [(SFT_ONLY, 1.0)] if f == 1.0 else [(m, float(f)) for m in d["methods"]]
+        tasks = sorted({k[0] for k in self.cells})
+        return [Space(t, m, sorted(float(b) for b in d["budgets"]), cands, list(d["seeds"]),
+                      list(d["methods"])) for t in tasks for m in d["models"]]
+
+    def cell(self, r: Request) -> dict:
+        return self.cells[(r.task, r.model, r.budget, r.method, r.sft_fraction, r.seed)]
+
+    def truth(self, sp: Space, budget, cand) -> float:
+        method = sp.methods[0] if cand[0] == SFT_ONLY else cand[0]
+        return statistics.fmean(self.cells[(sp.task, sp.model, budget, method, cand[1], s)]
+                                ["score"] for s in sp.seeds)
+
+
+class Meter:
+    """measure() for run_search: scores from the table, CPU-seconds of new stages paid;
+    with a cap, requests that no longer fit are refused (skip=True: try the next ones)."""
+
+    def __init__(self, table: Table, cap: float | None = None, skip: bool = False):
+        self.t, self.cap, self.skip = table, cap, skip
+        self.paid: set[str] = set()
+        self.cost = 0.0
+        self.stopped = False
+
+    def price(self, r) -> float:
+        return sum(self.t.stage_cost[s] for s in set(self.t.cell(r)["chain"]) - self.paid)
+
+    def __call__(self, reqs):
+        got = {}
+        for r in reqs:
+            if self.stopped:
+                break
+            extra = self.price(r)
+            if self.cap is not None and self.cost + extra > self.cap + 1e-9:
+                if not self.skip:
+                    self.stopped = True
+                continue
+            self.cost += extra
+            self.paid |= set(self.t.cell(r)["chain"])
+            got[r] = self.t.cell(r)["score"]
+        return got
+
+
+def score_answers(table: Table, spaces, picks: dict) -> tuple[int, int, float]:
+    """(right, total, mean regret) of picks {(task, model, budget): candidate or None}."""
+    right, regrets = 0, []
+    for sp in spaces:
+        for b in sp.budgets:
+            truths = {c: table.truth(sp, b, c) for c in sp.candidates}
+            best = max(truths.values())
+            pick = picks.get((sp.task, sp.model, b))
+            got = truths[pick] if pick is not None else statistics.fmean(truths.values())
+            right += abs(got - best) <= 1e-9
+            regrets.append(best - got)
+    return right, len(regrets), statistics.fmean(regrets)
+
+
+def run_strategy(table, spaces, strategy, driver, cap=None):
+    meter = Meter(table, cap)
+    results, obs, rounds = run_search(spaces, meter, strategy, driver=driver)
+    picks = {}
+    for sp in spaces:
+        for b, a in results[(sp.task, sp.model)].items():
+            picks[(sp.task, sp.model, b)] = a["best"] if obs.of(sp, b, a["best"]) else None
+    return picks, meter.cost, rounds, obs
+
+
+def random_search(table, spaces, seed, cap):
+    rng = random.Random(seed)
+    reqs = [sp.request(b, c, s) for sp in spaces for b in sp.budgets for c in sp.candidates
+            for s in sp.seeds]
+    rng.shuffle(reqs)
+    meter = Meter(table, cap, skip=True)
+    got = meter(reqs)
+    obs = Observations()
+    by = {(sp.task, sp.model): sp for sp in spaces}
+    for r, v in got.items():
+        obs.add(by[(r.task, r.model)], r, v)
+    picks = {}
+    for sp in spaces:
+        for b in sp.budgets:
+            seen = [c for c in sp.candidates if obs.of(sp, b, c)]
+            rng.shuffle(seen)   # random tie-break among equal means
+            picks[(sp.task, sp.model, b)] = (max(seen, key=lambda c: obs.mean(sp, b, c))
+                                             if seen else None)
+    return picks, meter.cost
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("table", nargs="?", default=str(ROOT / "bench" / "data" / "toy_study.json"))
+    ap.add_argument("--seeds", type=int, default=24, help="search seeds (>= 20)")
+    ap.add_argument("--eta", type=int, default=3)
+    args = ap.parse_args()
+    table = Table(json.loads(Path(args.table).read_text()))
+    spaces = table.spaces()
+    n_cells = len(table.cells)
+    print(f"table {args.table}: {len(spaces)} (task, model) x {len(spaces[0].budgets)} budgets "
+          f"x {len(spaces[0].candidates)} candidates x {len(spaces[0].seeds)} seeds = "
+          f"{n_cells} cells, full grid {table.full_cost:.0f} CPU-s")
+    for sp in spaces:
+        for b in sp.budgets:
+            truths = {c: table.truth(sp, b, c) for c in sp.candidates}
+            best = max(truths.values())
+            wins = [f"{c[0]} {c[1]:g}" for c, v in truths.items() if abs(v - best) <= 1e-9]
+            print(f"truth {sp.model} budget {b:g}: best {', '.join(wins)} ({best:.3f})")
+
+    stats = {k: {"right": [], "regret": [], "cost": []} for k in
+             ("ladder", "sh", "random", "sh-full")}
+    total = None
+    for seed in range(args.seeds):
+        strat = Strategy(eta=args.eta, borrow=True, seed=seed)
+        picks, cost, rounds, _ = run_strategy(table, spaces, strat, ladder)
+        plain = Strategy(eta=args.eta, borrow=False, seed=seed)
+        runs = {"ladder": (picks, cost),
+                "sh": run_strategy(table, spaces, plain, breadth_first, cap=cost)[:2],
+                "random": random_search(table, spaces, seed, cost),
+                "sh-full": run_strategy(table, spaces, plain, breadth_first)[:2]}
+        line = []
+        for k, (p, c) in runs.items():
+            right, total, regret = score_answers(table, spaces, p)
+            stats[k]["right"].append(right / total)
+            stats[k]["regret"].append(regret)
+            stats[k]["cost"].append(c / table.full_cost)
+            line.append(f"{k} {right}/{total} ({c / table.full_cost:.0%})")
+        print(f"search seed {seed:2d}: " + "; ".join(line))
+    print()
+    for k, s in stats.items():
+        print(f"{k:8s} right {statistics.fmean(s['right']):.3f} (min {min(s['right']):.3f}) "
+              f"regret {statistics.fmean(s['regret']):.4f} compute "
+              f"{statistics.fmean(s['cost']):.3f} of the full grid")
+    names = {"ladder": "search", "sh": "sh_equal_compute", "random": "random_equal_compute",
+             "sh-full": "sh_full"}
+    for k, s in stats.items():
+        print(f"RESULT {names[k]}_right_fraction {statistics.fmean(s['right']):.3f}")
+        print(f"RESULT {names[k]}_mean_regret {statistics.fmean(s['regret']):.4f}")
+        print(f"RESULT {names[k]}_compute_fraction {statistics.fmean(s['cost']):.3f}")
+    print(f"RESULT search_seeds {args.seeds}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

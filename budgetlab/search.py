@@ -15,6 +15,13 @@ only, one candidate whatever the method (the same point). The strategy, "ladder"
    below (its rung-0 ranking), plus the SFT-share neighbours (same method, next share up and
    down) of its winner: the best share moves smoothly with the budget, and a candidate that
    lost clearly one budget down is not measured again unless it is next to the winner.
+   The seed noise is borrowed too: once a budget has candidates measured with several
+   seeds, their pooled seed standard deviation sd is known, and at a later budget a
+   candidate is promoted only if its mean is within z * sd * sqrt(1/n_best + 1/n_it) of the
+   leader's (z = 2 by default), so a clear loser is not measured with more seeds; and when
+   no other candidate of the pool is that close, the budget is decided and the leader is
+   not measured with more seeds either (`all_seeds=True`, `--all-seeds`: it always is,
+   so that the answer's mean and spread use every seed).
    `borrow=False` is plain successive halving, every budget on its own.
 
 Every request is an ordinary grid cell (task, model, budget, share, method, seed): the stages
@@ -54,14 +61,20 @@ class Strategy:
     eta: int = 3               # keep the best 1/eta of a rung; eta times the seeds next rung
     borrow: bool = True        # the budget below prunes a budget's pool (False: plain halving)
     seed: int | None = None    # shuffles the order of the grid's seeds (None: grid order)
+    z: float = 2.0             # promote only within z pooled seed sds of the leader (borrow)
+    all_seeds: bool = False    # measure the winner with every seed even when it is clear
 
     def check(self) -> None:
         if not isinstance(self.eta, int) or isinstance(self.eta, bool) or self.eta < 2:
             raise BadInput(f"--eta: must be an integer >= 2, got {self.eta!r}")
+        if not (isinstance(self.z, (int, float)) and not isinstance(self.z, bool)
+                and math.isfinite(self.z) and self.z >= 0):
+            raise BadInput(f"--z: must be a number >= 0, got {self.z!r}")
 
     def describe(self) -> dict:
         return {"name": "ladder" if self.borrow else "successive-halving", "eta": self.eta,
-                "borrow": self.borrow, "seed": self.seed,
+                "borrow": self.borrow, "z": self.z if self.borrow else None,
+                "all_seeds": self.all_seeds or not self.borrow, "seed": self.seed,
                 "fidelity": "seeds", "budgets": "ascending"}
 
 
@@ -121,6 +134,37 @@ def _rank(space: Space, obs: Observations, budget, cands, rng) -> list:
     return sorted(cands, key=key)
 
 
+def pooled_sd(obs: Observations, space: Space) -> float | None:
+    """The seed standard deviation pooled over every (budget, candidate) of this space
+    measured with two seeds or more; None before there is any."""
+    ss, dof = 0.0, 0
+    for (task, model, _b, _c), by in obs.scores.items():
+        vals = [v for v in by.values() if v is not None]
+        if (task, model) == (space.task, space.model) and len(vals) > 1:
+            m = statistics.fmean(vals)
+            ss += sum((v - m) ** 2 for v in vals)
+            dof += len(vals) - 1
+    return math.sqrt(ss / dof) if dof else None
+
+
+def _close_to_leader(space, obs, budget, ranked, z) -> list:
+    """`ranked` (best first) cut to those whose mean the seed noise cannot tell from the
+    leader's; all of them while no seed spread is known yet."""
+    sd = pooled_sd(obs, space)
+    if sd is None or not ranked:
+        return ranked
+    lead = obs.mean(space, budget, ranked[0])
+    n_lead = len([v for v in obs.of(space, budget, ranked[0]).values() if v is not None])
+    out = [ranked[0]]
+    for c in ranked[1:]:
+        m = obs.mean(space, budget, c)
+        n = len([v for v in obs.of(space, budget, c).values() if v is not None])
+        if m is not None and lead is not None and n and \
+                m >= lead - z * sd * math.sqrt(1 / max(n_lead, 1) + 1 / n):
+            out.append(c)
+    return out
+
+
 def _neighbours(space: Space, cand) -> list:
     """The candidates next to `cand` in SFT share: same method, one share up and one down
     (SFT only neighbours every method's highest share below 1)."""
@@ -156,7 +200,17 @@ def ladder(space: Space, obs: Observations, strategy: Strategy):
         rung0 = _rank(space, obs, budget, pool, rng)
         rungs.append({"seeds": fid, "candidates": alive})
         while len(alive) > 1 and fid < len(seeds):
-            alive = _rank(space, obs, budget, alive, rng)[:math.ceil(len(alive) / eta)]
+            ranked = _rank(space, obs, budget, alive, rng)
+            if not strategy.borrow:
+                alive = ranked[:math.ceil(len(alive) / eta)]
+            else:
+                close = _close_to_leader(space, obs, budget, ranked, strategy.z)
+                if len(close) == 1 and pooled_sd(obs, space) is not None \
+                        and not strategy.all_seeds:
+                    alive = close
+                    break                    # decided: nothing is within the seed noise
+                # the leader and the ones the noise cannot tell from it (at least two)
+                alive = close[:max(2, math.ceil(len(alive) / eta))]
             fid = min(len(seeds), fid * eta)
             yield [space.request(budget, c, s) for c in alive for s in seeds[:fid]
                    if s not in obs.of(space, budget, c)]

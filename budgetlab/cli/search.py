@@ -13,6 +13,11 @@ from budgetlab.cli.common import console, echo_json, json_option, main, pass_sta
               help="Keep the best 1/eta of each rung; the next rung has eta times the seeds.")
 @click.option("--no-borrow", "no_borrow", is_flag=True,
               help="Plain successive halving: every budget starts from every candidate.")
+@click.option("--z", "z", default=2.0, show_default=True, type=float,
+              help="Seed noise allowed: promote only candidates within z pooled seed sds of "
+                   "the leader; a budget with none is decided.")
+@click.option("--all-seeds", "all_seeds", is_flag=True,
+              help="Measure each budget's winner with every seed, even when it is clear.")
 @click.option("--seed", "seed", type=int, default=None,
               help="Shuffle the order in which the grid's seeds are used (default: grid order).")
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local",
@@ -23,11 +28,13 @@ from budgetlab.cli.common import console, echo_json, json_option, main, pass_sta
               help="Give up after this many seconds (running stages keep running).")
 @json_option
 @pass_state
-def search(state, grid, eta, no_borrow, seed, executor, poll_s, timeout_s, as_json):
+def search(state, grid, eta, no_borrow, z, all_seeds, seed, executor, poll_s, timeout_s,
+           as_json):
     """Find the best split per budget measuring only part of GRID.
 
     Successive halving over (method, SFT share) at each budget with seeds as the fidelity;
-    budgets smallest first, each starting from the best of the budget below. Every cell it
+    budgets smallest first, each starting from the best of the budget below and stopping
+    once no candidate is within the seed noise of the leader. Every cell it
     measures is an ordinary ledger point: `report` and `recommend` show them, and a later
     `submit` of the same grid reuses them."""
     err = None if as_json else console()
@@ -37,7 +44,8 @@ def search(state, grid, eta, no_borrow, seed, executor, poll_s, timeout_s, as_js
             err.print(f"round {r['round']}: {r['cells']} cell(s), {r['stages']} stage(s), "
                       f"{r['submitted']} run now" + (f", {r['failed']} failed"
                                                       if r["failed"] else ""))
-    out = state.lab().search(grid, eta=eta, borrow=not no_borrow, seed=seed,
+    out = state.lab().search(grid, eta=eta, borrow=not no_borrow, z=z, all_seeds=all_seeds,
+                             seed=seed,
                              executor=executor, poll=poll_s, timeout=timeout_s,
                              on_round=progress)
     if as_json:
@@ -51,7 +59,8 @@ def print_search(out: dict) -> None:
 
     con = console()
     s = out["strategy"]
-    con.print(f"[bold]{out['grid']}[/]: {s['name']} (eta {s['eta']}, fidelity: seeds), "
+    con.print(f"[bold]{out['grid']}[/]: {s['name']} (eta {s['eta']}, z {s['z']}, "
+              f"fidelity: seeds{', all seeds for winners' if s['all_seeds'] else ''}), "
               f"{out['metric']} (higher is better)")
     t = Table(title="best split found per budget", title_justify="left")
     for c in ("task", "model", "budget", "method", "SFT share", "n_sft+n_pft", out["metric"],

@@ -50,9 +50,36 @@ def test_finds_the_moving_best_share_with_fewer_cells(borrow):
     cells = {r for batch in log for r in batch}
     grid = len(sp.budgets) * len(sp.candidates) * len(sp.seeds)
     assert len(cells) <= 0.6 * grid      # plain: 9 of 15 cells per budget
-    # the winner of each budget is measured with every seed
+    # plain halving measures each winner with every seed; the ladder at least the first
+    # budget's (where the seed spread is learnt), later ones only while it is not clear
     for b, c in found.items():
-        assert sorted(obs.of(sp, b, c)) == sp.seeds
+        if not borrow or b == BUDGETS[0]:
+            assert sorted(obs.of(sp, b, c)) == sp.seeds
+
+
+def test_all_seeds_measures_every_winner_with_every_seed():
+    sp, log = space(), []
+    lean = run_search([sp], measure_with(moving_peak, []), Strategy())[1]
+    results, obs, _ = run_search([sp], measure_with(moving_peak, log),
+                                 Strategy(all_seeds=True))
+    for b, a in results[("arith", "m")].items():
+        assert sorted(obs.of(sp, b, a["best"])) == sp.seeds
+    n = lambda o: sum(len(v) for v in o.scores.values())  # noqa: E731
+    assert n(lean) < n(obs)
+
+
+def test_a_close_runner_up_gets_more_seeds_and_a_clear_one_does_not():
+    """Seed noise 0.01 is learnt at the first budget; at 512 the runner-up is 0.005 behind
+    (within the noise: measured again) in one surface, 0.2 behind (clear) in the other."""
+    def surface(gap):
+        def f(budget, share, seed):
+            if budget == 512.0:
+                return {0.25: 0.8, 0.5: 0.8 - gap}.get(share, 0.1) + 0.01 * (seed - 1)
+            return moving_peak(budget, share, seed)
+        return f
+    for gap, measured in ((0.005, [0, 1, 2]), (0.2, [0])):
+        _, obs, _ = run_search([space()], measure_with(surface(gap), []), Strategy())
+        assert sorted(obs.of(space(), 512.0, ("dpo", 0.5))) == measured, gap
 
 
 def test_borrowing_measures_fewer_cells_than_plain_halving():

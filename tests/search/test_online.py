@@ -14,9 +14,9 @@ name = "online"
 tasks = ["arith"]
 models = ["builtin:arith-tiny"]
 budgets = [32, 64]
-sft_fractions = [1.0, 0.5, 0.0]
+sft_fractions = [1.0, 0.5, 0.25, 0.0]
 methods = ["dpo"]
-seeds = [0, 1]
+seeds = [0]
 [costs]
 unit = "examples"
 sft_example = 1.0
@@ -67,7 +67,7 @@ def test_search_finds_the_full_grids_best_split_with_fewer_stages(cli, tmp_path)
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID)
     t0 = time.time()
-    r = cli("search", grid, "--json", "--poll", "0.3")
+    r = cli("search", grid, "--json", "--poll", "0.2")
     search_s = time.time() - t0
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
@@ -80,7 +80,7 @@ def test_search_finds_the_full_grids_best_split_with_fewer_stages(cli, tmp_path)
     # The whole grid on the same ledger: the search's stages are reused, not run again.
     res = lab.submit(grid)
     assert not set(done) & {s.stage_id for u in res.units for s in u.stages}
-    lab.wait("online", poll=0.3, timeout=600)
+    lab.wait("online", poll=0.2, timeout=600)
     rep = lab.report("online")
     assert all(c["status"] == "COMPLETED" for c in rep.cells)
     full = best_of_full_grid(rep)
@@ -90,4 +90,5 @@ def test_search_finds_the_full_grids_best_split_with_fewer_stages(cli, tmp_path)
         g = [x for x in rep.groups if x["budget"] == b["budget"]
              and x["sft_fraction"] == b["sft_fraction"]][0]
         assert b["score_mean"] == pytest.approx(g["score_mean"])
-    print(f"search {search_s:.1f}s, {out['stages_used']}/{out['stages_grid']} stages")
+    print(f"search {search_s:.1f}s, {out['stages_used']}/{out['stages_grid']} stages, "
+          f"rounds {out['rounds']}, whole test {time.time() - t0:.1f}s")

@@ -1,6 +1,6 @@
 """Replay `budgetlab search` against a grid measured in full, and against two baselines.
 
-    .venv/bin/python bench/search_replay.py [bench/data/toy_study.json] [--seeds 24] [--eta 3]
+    .venv/bin/python bench/search_replay.py [bench/data/toy_study.json] [--seeds 24] [--eta 3] [--z 1]
 
 The table (bench/toy_study.py) holds every cell's score per seed and every stage's
 CPU-seconds. Each search "measures" a cell by looking its score up, and pays the CPU-seconds
@@ -146,6 +146,7 @@ def main() -> int:
     ap.add_argument("table", nargs="?", default=str(ROOT / "bench" / "data" / "toy_study.json"))
     ap.add_argument("--seeds", type=int, default=24, help="search seeds (>= 20)")
     ap.add_argument("--eta", type=int, default=3)
+    ap.add_argument("--z", type=float, default=1.0, help="the search's band (Strategy.z)")
     args = ap.parse_args()
     table = Table(json.loads(Path(args.table).read_text()))
     spaces = table.spaces()
@@ -164,7 +165,7 @@ def main() -> int:
              ("ladder", "sh", "random", "sh-full")}
     total = None
     for seed in range(args.seeds):
-        strat = Strategy(eta=args.eta, borrow=True, seed=seed)
+        strat = Strategy(eta=args.eta, borrow=True, seed=seed, z=args.z)
         picks, cost, rounds, _ = run_strategy(table, spaces, strat, ladder)
         plain = Strategy(eta=args.eta, borrow=False, seed=seed)
         runs = {"ladder": (picks, cost),

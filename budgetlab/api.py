@@ -221,7 +221,7 @@ class Lab:
         return recommend(self.report(grid, metric=metric, cost=cost, sync=sync), budget,
                          top=top)
 
-    def search(self, grid, eta: int = 3, borrow: bool = True, z: float = 2.0,
+    def search(self, grid, eta: int = 3, borrow: bool = True, z: float = 1.0,
                all_seeds: bool = False, seed: int | None = None,
                executor: str = "local", poll: float = 1.0, timeout: float | None = None,
                on_round=None) -> dict:

@@ -16,9 +16,11 @@ only, one candidate whatever the method (the same point). The strategy, "ladder"
    down) of its winner: the best share moves smoothly with the budget, and a candidate that
    lost clearly one budget down is not measured again unless it is next to the winner.
    The seed noise is borrowed too: once a budget has candidates measured with several
-   seeds, their pooled seed standard deviation sd is known, and at a later budget a
-   candidate is promoted only if its mean is within z * sd * sqrt(1/n_best + 1/n_it) of the
-   leader's (z = 2 by default), so a clear loser is not measured with more seeds; and when
+   seeds, their pooled seed standard deviation is known, and at a later budget a candidate
+   is promoted only if its band mean + z*sd reaches the leader's mean - z*sd (each with its
+   own seed sd, or the pooled one while it has one seed; z = 1 by default, which is the band
+   of `budgetlab recommend`'s contenders), so a clear loser is not measured with more
+   seeds; and when
    no other candidate of the pool is that close, the budget is decided and the leader is
    not measured with more seeds either (`all_seeds=True`, `--all-seeds`: it always is,
    so that the answer's mean and spread use every seed).
@@ -61,7 +63,7 @@ class Strategy:
     eta: int = 3               # keep the best 1/eta of a rung; eta times the seeds next rung
     borrow: bool = True        # the budget below prunes a budget's pool (False: plain halving)
     seed: int | None = None    # shuffles the order of the grid's seeds (None: grid order)
-    z: float = 2.0             # promote only within z pooled seed sds of the leader (borrow)
+    z: float = 1.0             # band half-width in seed sds (1: recommend's contenders band)
     all_seeds: bool = False    # measure the winner with every seed even when it is clear
 
     def check(self) -> None:
@@ -147,22 +149,26 @@ def pooled_sd(obs: Observations, space: Space) -> float | None:
     return math.sqrt(ss / dof) if dof else None
 
 
+def _sd(obs, space, budget, cand, pooled) -> float | None:
+    vals = [v for v in obs.of(space, budget, cand).values() if v is not None]
+    return statistics.stdev(vals) if len(vals) > 1 else pooled
+
+
 def _close_to_leader(space, obs, budget, ranked, z) -> list:
-    """`ranked` (best first) cut to those whose mean the seed noise cannot tell from the
-    leader's; all of them while no seed spread is known yet."""
-    sd = pooled_sd(obs, space)
-    if sd is None or not ranked:
+    """`ranked` (best first) cut to the leader and the candidates the seed noise cannot tell
+    from it: mean + z*sd reaches the leader's mean - z*sd, each with its own seed sd, or the
+    pooled one (pooled_sd) while it has a single seed. With z = 1 this is `recommend`'s band
+    (its "contenders"). All of them while no seed spread is known yet."""
+    pooled = pooled_sd(obs, space)
+    if pooled is None or not ranked:
         return ranked
     lead = obs.mean(space, budget, ranked[0])
-    n_lead = len([v for v in obs.of(space, budget, ranked[0]).values() if v is not None])
-    out = [ranked[0]]
-    for c in ranked[1:]:
-        m = obs.mean(space, budget, c)
-        n = len([v for v in obs.of(space, budget, c).values() if v is not None])
-        if m is not None and lead is not None and n and \
-                m >= lead - z * sd * math.sqrt(1 / max(n_lead, 1) + 1 / n):
-            out.append(c)
-    return out
+    if lead is None:
+        return ranked
+    lo = lead - z * _sd(obs, space, budget, ranked[0], pooled)
+    return [ranked[0]] + [c for c in ranked[1:] if obs.mean(space, budget, c) is not None
+                          and obs.mean(space, budget, c) + z * _sd(obs, space, budget, c,
+                                                                   pooled) >= lo]
 
 
 def _neighbours(space: Space, cand) -> list:

@@ -13,9 +13,10 @@ from budgetlab.cli.common import console, echo_json, json_option, main, pass_sta
               help="Keep the best 1/eta of each rung; the next rung has eta times the seeds.")
 @click.option("--no-borrow", "no_borrow", is_flag=True,
               help="Plain successive halving: every budget starts from every candidate.")
-@click.option("--z", "z", default=2.0, show_default=True, type=float,
-              help="Seed noise allowed: promote only candidates within z pooled seed sds of "
-                   "the leader; a budget with none is decided.")
+@click.option("--z", "z", default=1.0, show_default=True, type=float,
+              help="Band half-width in seed sds: promote only candidates whose mean + z*sd "
+                   "reaches the leader's mean - z*sd (1: recommend's band); a budget with "
+                   "none left is decided.")
 @click.option("--all-seeds", "all_seeds", is_flag=True,
               help="Measure each budget's winner with every seed, even when it is clear.")
 @click.option("--seed", "seed", type=int, default=None,

@@ -131,8 +131,9 @@ def pretrain(model, tokenizer, docs, epochs: int = 3, batch_size: int = 16, lr: 
     return model
 
 
-def build(name: str, out: str | Path) -> Path:
-    """Build model NAME into directory OUT (written to a temp dir, then renamed)."""
+def build(name: str, out: str | Path, n_docs: int | None = None) -> Path:
+    """Build model NAME into directory OUT (written to a temp dir, then renamed). n_docs
+    shortens the corpus (the determinism test; the shipped weights use the default)."""
     if name not in SIZES:
         raise ValueError(f"unknown built-in model {name!r}; known: {', '.join(SIZES)}")
     import torch
@@ -147,7 +148,8 @@ def build(name: str, out: str | Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     tokenizer = make_tokenizer()
     model = make_model(tokenizer, name)
-    pretrain(model, tokenizer, corpus(), epochs=SIZES[name][1])
+    pretrain(model, tokenizer, corpus() if n_docs is None else corpus(n_docs),
+             epochs=SIZES[name][1])
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -163,12 +165,18 @@ def build(name: str, out: str | Path) -> Path:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    n_docs = None
+    if "--docs" in argv:       # a shorter corpus: `--docs N` (tests)
+        i = argv.index("--docs")
+        n_docs = int(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
     if not argv:
-        print("usage: python -m budgetlab.builtin.build NAME [OUT_DIR]", file=sys.stderr)
+        print("usage: python -m budgetlab.builtin.build NAME [OUT_DIR] [--docs N]",
+              file=sys.stderr)
         return 2
     name = argv[0]
     out = argv[1] if len(argv) > 1 else Path(__file__).resolve().parent / name
-    build(name, out)
+    build(name, out, n_docs=n_docs)
     return 0
 
 

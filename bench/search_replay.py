@@ -16,7 +16,10 @@ grid's seeds are used, and breaks ties at random):
                 fidelity, pools borrowed from the budget below)
   sh            plain successive halving (every budget from every candidate; rungs of all
                 budgets together), capped at the ladder's compute of the same search seed
+                (a cell that no longer fits is skipped, a cheaper later one still measured)
   random        random cells (candidate, budget, seed) until the ladder's compute is spent
+  ladder-all    the ladder with --all-seeds (every winner measured with every seed; its own
+                compute, for reference)
   sh-full       plain successive halving run to its end (its own compute, for reference)
 RESULT lines come last.
 """
@@ -111,7 +114,7 @@ def score_answers(table: Table, spaces, picks: dict) -> tuple[int, int, float]:
 
 
 def run_strategy(table, spaces, strategy, driver, cap=None):
-    meter = Meter(table, cap)
+    meter = Meter(table, cap, skip=True)   # a capped run fills the cap with what still fits
     results, obs, rounds = run_search(spaces, meter, strategy, driver=driver)
     picks = {}
     for sp in spaces:
@@ -162,7 +165,7 @@ def main() -> int:
             print(f"truth {sp.model} budget {b:g}: best {', '.join(wins)} ({best:.3f})")
 
     stats = {k: {"right": [], "regret": [], "cost": []} for k in
-             ("ladder", "sh", "random", "sh-full")}
+             ("ladder", "sh", "random", "ladder-all", "sh-full")}
     total = None
     for seed in range(args.seeds):
         strat = Strategy(eta=args.eta, borrow=True, seed=seed, z=args.z)
@@ -171,6 +174,9 @@ def main() -> int:
         runs = {"ladder": (picks, cost),
                 "sh": run_strategy(table, spaces, plain, breadth_first, cap=cost)[:2],
                 "random": random_search(table, spaces, seed, cost),
+                "ladder-all": run_strategy(table, spaces, Strategy(
+                    eta=args.eta, borrow=True, seed=seed, z=args.z, all_seeds=True),
+                    ladder)[:2],
                 "sh-full": run_strategy(table, spaces, plain, breadth_first)[:2]}
         line = []
         for k, (p, c) in runs.items():
@@ -182,11 +188,11 @@ def main() -> int:
         print(f"search seed {seed:2d}: " + "; ".join(line))
     print()
     for k, s in stats.items():
-        print(f"{k:8s} right {statistics.fmean(s['right']):.3f} (min {min(s['right']):.3f}) "
+        print(f"{k:10s} right {statistics.fmean(s['right']):.3f} (min {min(s['right']):.3f}) "
               f"regret {statistics.fmean(s['regret']):.4f} compute "
               f"{statistics.fmean(s['cost']):.3f} of the full grid")
     names = {"ladder": "search", "sh": "sh_equal_compute", "random": "random_equal_compute",
-             "sh-full": "sh_full"}
+             "ladder-all": "search_all_seeds", "sh-full": "sh_full"}
     for k, s in stats.items():
         print(f"RESULT {names[k]}_right_fraction {statistics.fmean(s['right']):.3f}")
         print(f"RESULT {names[k]}_mean_regret {statistics.fmean(s['regret']):.4f}")

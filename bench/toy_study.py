@@ -2,6 +2,7 @@
 
     DS_ACCELERATOR=cpu nice -n 19 .venv/bin/python bench/toy_study.py jobs/toy-study.toml \
         [--workdir runs/toy-study] [--out bench/data/toy_study.json] [--models builtin:arith-tiny]
+    .venv/bin/python bench/toy_study.py --markdown bench/data/toy_study.json   # the table
 
 Stages come from the grid exactly as the CLI builds them (budgetlab.spec + budgetlab.graph), so
 their ids are the ids a `budgetlab submit` or `budgetlab search` of the same spec gives. One
@@ -148,7 +149,40 @@ def collect(spec, plans: dict, workdir: Path) -> dict:
             "base": base, "stages": stages, "cells": list(cells.values())}
 
 
+def markdown(data: dict) -> str:
+    """The table of bench/RESULTS.md: per model, budget and share, mean and per-seed scores,
+    the CPU-seconds of the cell's stages (per seed, summed) and the best share per budget."""
+    out = []
+    cost = {s: v["cpu_seconds"] or 0.0 for s, v in data["stages"].items()}
+    for model in data["models"]:
+        cells = [c for c in data["cells"] if c["model"] == model]
+        out.append(f"\n{model} (base model {data['base'].get(model, float('nan')):.3f})\n")
+        out.append("| budget | SFT share | n_sft+n_pairs | mean | " +
+                   " | ".join(f"seed {s}" for s in data["seeds"]) + " | CPU-s (3 seeds) |")
+        out.append("|---:|---:|---:|---:|" + "---:|" * len(data["seeds"]) + "---:|")
+        for b in data["budgets"]:
+            row = sorted((c for c in cells if c["budget"] == b), key=lambda c: -c["sft_fraction"])
+            means = {c["sft_fraction"]: sum(v["score"] for v in c["seeds"].values()) /
+                     len(c["seeds"]) for c in row}
+            top = max(means.values())
+            for c in row:
+                m = means[c["sft_fraction"]]
+                cpu = sum(cost[s] for v in c["seeds"].values() for s in v["chain"])
+                mark = f"**{m:.3f}**" if abs(m - top) < 1e-9 else f"{m:.3f}"
+                out.append(f"| {b:g} | {c['sft_fraction']:g} | {c['n_sft']}+{c['n_pft']} | "
+                           f"{mark} | " + " | ".join(f"{c['seeds'][str(s)]['score']:.3f}"
+                                                     for s in data["seeds"]) + f" | {cpu:.0f} |")
+    per = {m: {s for c in data["cells"] if c["model"] == m for v in c["seeds"].values()
+               for s in v["chain"]} for m in data["models"]}
+    out.append("\nCPU-seconds of every stage of the cells (shared stages once): " + ", ".join(
+        f"{m} {sum(cost[s] for s in ids):.0f} ({len(ids)} stages)" for m, ids in per.items()))
+    return "\n".join(out)
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--markdown":
+        print(markdown(json.loads(Path(sys.argv[2]).read_text())))
+        return 0
     if len(sys.argv) > 1 and sys.argv[1] == "--exec":
         return execute(sys.argv[3:], Path(sys.argv[2]))
     ap = argparse.ArgumentParser()

@@ -49,8 +49,11 @@ class Table:
                 self.cells[(c.get("task", data["tasks"][0] if "tasks" in data else "arith"),
                             c["model"], float(c["budget"]), c["method"],
                             float(c["sft_fraction"]), int(seed))] = v
+        # the full grid of the (task, model) pairs and seeds replayed, shared stages once
+        keep = {(sp.task, sp.model, s) for sp in self.spaces() for s in sp.seeds}
         self.full_cost = sum(self.stage_cost[s] for s in
-                             {s for v in self.cells.values() for s in v["chain"]})
+                             {s for k, v in self.cells.items() if (k[0], k[1], k[5]) in keep
+                              for s in v["chain"]})
 
     def spaces(self) -> list[Space]:
         d = self.data
@@ -58,8 +61,17 @@ class Table:
         for f in sorted(d["sft_fractions"], reverse=True):
             cands += [(SFT_ONLY, 1.0)] if f == 1.0 else [(m, float(f)) for m in d["methods"]]
         tasks = sorted({k[0] for k in self.cells})
-        return [Space(t, m, sorted(float(b) for b in d["budgets"]), cands, list(d["seeds"]),
-                      list(d["methods"])) for t in tasks for m in d["models"]]
+        out = []
+        for t in tasks:
+            for m in d["models"]:
+                # a seed with a cell not measured (a table written with --partial) is left out
+                seeds = [s for s in d["seeds"] if all(
+                    v["score"] is not None for k, v in self.cells.items()
+                    if k[:2] == (t, m) and k[5] == s)]
+                if seeds:
+                    out.append(Space(t, m, sorted(float(b) for b in d["budgets"]), cands,
+                                     seeds, list(d["methods"])))
+        return out
 
     def cell(self, r: Request) -> dict:
         return self.cells[(r.task, r.model, r.budget, r.method, r.sft_fraction, r.seed)]
@@ -153,10 +165,11 @@ def main() -> int:
     args = ap.parse_args()
     table = Table(json.loads(Path(args.table).read_text()))
     spaces = table.spaces()
-    n_cells = len(table.cells)
-    print(f"table {args.table}: {len(spaces)} (task, model) x {len(spaces[0].budgets)} budgets "
-          f"x {len(spaces[0].candidates)} candidates x {len(spaces[0].seeds)} seeds = "
-          f"{n_cells} cells, full grid {table.full_cost:.0f} CPU-s")
+    n_cells = sum(len(sp.budgets) * len(sp.candidates) * len(sp.seeds) for sp in spaces)
+    print(f"table {args.table}: " + ", ".join(f"{sp.model} ({len(sp.seeds)} seeds)"
+                                             for sp in spaces)
+          + f"; {len(spaces[0].budgets)} budgets x {len(spaces[0].candidates)} candidates: "
+          f"{n_cells} cells (SFT only is one candidate), full grid {table.full_cost:.0f} CPU-s")
     for sp in spaces:
         for b in sp.budgets:
             truths = {c: table.truth(sp, b, c) for c in sp.candidates}

@@ -192,6 +192,8 @@ def main() -> int:
     ap.add_argument("--models", nargs="*", help="Measure only these (default: all).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--collect-only", action="store_true")
+    ap.add_argument("--partial", action="store_true",
+                    help="Also write models measured in part (missing scores are null).")
     args = ap.parse_args()
     from budgetlab.spec import load_spec
 
@@ -208,11 +210,14 @@ def main() -> int:
                   flush=True)
     done = [m for m in plans if all((workdir / "stages" / s / "result.json").exists()
                                     for s in plans[m].stages)]
+    if args.partial:
+        done = [m for m in plans if m in done or any(
+            (workdir / "stages" / s / "result.json").exists() for s in plans[m].stages)]
     out = collect(spec, {m: plans[m] for m in done}, workdir)
     out["wall_seconds_this_run"] = round(time.time() - start)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.out}: models {', '.join(done) or 'none'} complete")
+    print(f"wrote {args.out}: models {', '.join(done) or 'none'}")
     return 0
 
 

@@ -75,3 +75,32 @@ def test_search_text_output(measured, cli, tmp_path):
     assert r.exit_code == 0, r.output
     assert "best split found per budget" in r.stdout and "round 1:" in r.stdout
     assert "budgetlab report surf" in r.stdout
+
+
+def test_recommend_after_a_search_borrows_the_spread_of_other_budgets(tmp_path, surf):
+    """A ledger holding only what the search measured: at 256 one seed per candidate, two
+    seeds only at 64. recommend borrows the seed sd of 64 there and separates the winner
+    (without it, no sd at 256 means nothing can be told apart)."""
+    from budgetlab.recommend import recommend
+    from budgetlab.report import build_report
+    from budgetlab.search import Strategy, run_search, spaces_of
+
+    led, plan = surf.register(tmp_path)
+    cell_of = {(c.task, c.model, c.budget, c.sft_fraction, c.method, c.seed): c
+               for c in plan.cells}
+
+    def measure(reqs):
+        cs = {r: cell_of[(r.task, r.model, r.budget, r.sft_fraction, r.method, r.seed)]
+              for r in reqs}
+        return {r: surface(plan.points[c.point_id]) for r, c in cs.items()}
+    log = []
+    run_search(spaces_of(plan), lambda reqs: (log.extend(reqs), measure(reqs))[1], Strategy())
+    used = {cell_of[(r.task, r.model, r.budget, r.sft_fraction, r.method, r.seed)].point_id
+            for r in log}
+    surf.record(led, plan, surface, skip=set(plan.points) - used)
+    rep = build_report(led, "surf")
+    at256 = [g for g in rep.groups if g["budget"] == 256.0 and g["n_seeds"]]
+    assert at256 and all(g["n_seeds"] == 1 for g in at256)
+    a = recommend(rep, 256)["answers"][0]
+    assert (a["best"]["method"], a["best"]["sft_fraction"]) == ("dpo", 0.5)
+    assert a["contenders"] == []     # every other candidate is far outside the band

@@ -154,24 +154,31 @@ def markdown(data: dict) -> str:
     the CPU-seconds of the cell's stages (per seed, summed) and the best share per budget."""
     out = []
     cost = {s: v["cpu_seconds"] or 0.0 for s, v in data["stages"].items()}
+    # (a stage not measured yet counts 0 CPU-seconds in the sums below)
     for model in data["models"]:
         cells = [c for c in data["cells"] if c["model"] == model]
-        out.append(f"\n{model} (base model {data['base'].get(model, float('nan')):.3f})\n")
+        base = data["base"].get(model)
+        out.append(f"\n{model} (base model {'-' if base is None else f'{base:.3f}'})\n")
         out.append("| budget | SFT share | n_sft+n_pairs | mean | " +
                    " | ".join(f"seed {s}" for s in data["seeds"]) + " | CPU-s (3 seeds) |")
         out.append("|---:|---:|---:|---:|" + "---:|" * len(data["seeds"]) + "---:|")
         for b in data["budgets"]:
             row = sorted((c for c in cells if c["budget"] == b), key=lambda c: -c["sft_fraction"])
-            means = {c["sft_fraction"]: sum(v["score"] for v in c["seeds"].values()) /
-                     len(c["seeds"]) for c in row}
+            # mean over the seeds measured in every cell of the model (a --partial table)
+            full = [s for s in data["seeds"] if all(c["seeds"][str(s)]["score"] is not None
+                                                    for c in cells)]
+            means = {c["sft_fraction"]: (sum(c["seeds"][str(s)]["score"] for s in full) /
+                                         len(full) if full else float("nan")) for c in row}
             top = max(means.values())
             for c in row:
                 m = means[c["sft_fraction"]]
-                cpu = sum(cost[s] for v in c["seeds"].values() for s in v["chain"])
+                cpu = sum(cost[s] or 0.0 for v in c["seeds"].values() for s in v["chain"])
                 mark = f"**{m:.3f}**" if abs(m - top) < 1e-9 else f"{m:.3f}"
                 out.append(f"| {b:g} | {c['sft_fraction']:g} | {c['n_sft']}+{c['n_pft']} | "
-                           f"{mark} | " + " | ".join(f"{c['seeds'][str(s)]['score']:.3f}"
-                                                     for s in data["seeds"]) + f" | {cpu:.0f} |")
+                           f"{mark} | " + " | ".join(
+                               "-" if c["seeds"][str(s)]["score"] is None else
+                               f"{c['seeds'][str(s)]['score']:.3f}" for s in data["seeds"])
+                           + f" | {cpu:.0f} |")
     per = {m: {s for c in data["cells"] if c["model"] == m for v in c["seeds"].values()
                for s in v["chain"]} for m in data["models"]}
     out.append("\nCPU-seconds of every stage of the cells (shared stages once): " + ", ".join(

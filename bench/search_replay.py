@@ -1,6 +1,7 @@
 """Replay `budgetlab search` against a grid measured in full, and against two baselines.
 
     .venv/bin/python bench/search_replay.py [bench/data/toy_study.json] [--seeds 24] [--eta 3] [--z 1]
+        [--models builtin:arith-tiny]
 
 The table (bench/toy_study.py) holds every cell's score per seed and every stage's
 CPU-seconds. Each search "measures" a cell by looking its score up, and pays the CPU-seconds
@@ -49,11 +50,14 @@ class Table:
                 self.cells[(c.get("task", data["tasks"][0] if "tasks" in data else "arith"),
                             c["model"], float(c["budget"]), c["method"],
                             float(c["sft_fraction"]), int(seed))] = v
-        # the full grid of the (task, model) pairs and seeds replayed, shared stages once
-        keep = {(sp.task, sp.model, s) for sp in self.spaces() for s in sp.seeds}
-        self.full_cost = sum(self.stage_cost[s] for s in
-                             {s for k, v in self.cells.items() if (k[0], k[1], k[5]) in keep
-                              for s in v["chain"]})
+        self.full_cost = self.cost_of(self.spaces())
+
+    def cost_of(self, spaces) -> float:
+        """The full grid of these (task, model) pairs and their seeds, shared stages once."""
+        keep = {(sp.task, sp.model, s) for sp in spaces for s in sp.seeds}
+        return sum(self.stage_cost[s] for s in
+                   {s for k, v in self.cells.items() if (k[0], k[1], k[5]) in keep
+                    for s in v["chain"]})
 
     def spaces(self) -> list[Space]:
         d = self.data
@@ -161,10 +165,12 @@ def main() -> int:
     ap.add_argument("table", nargs="?", default=str(ROOT / "bench" / "data" / "toy_study.json"))
     ap.add_argument("--seeds", type=int, default=24, help="search seeds (>= 20)")
     ap.add_argument("--eta", type=int, default=3)
+    ap.add_argument("--models", nargs="*", help="replay only these models (default: all)")
     ap.add_argument("--z", type=float, default=1.0, help="the search's band (Strategy.z)")
     args = ap.parse_args()
     table = Table(json.loads(Path(args.table).read_text()))
-    spaces = table.spaces()
+    spaces = [sp for sp in table.spaces() if not args.models or sp.model in args.models]
+    table.full_cost = table.cost_of(spaces)
     n_cells = sum(len(sp.budgets) * len(sp.candidates) * len(sp.seeds) for sp in spaces)
     print(f"table {args.table}: " + ", ".join(f"{sp.model} ({len(sp.seeds)} seeds)"
                                              for sp in spaces)

@@ -160,7 +160,7 @@ def markdown(data: dict) -> str:
         base = data["base"].get(model)
         out.append(f"\n{model} (base model {'-' if base is None else f'{base:.3f}'})\n")
         out.append("| budget | SFT share | n_sft+n_pairs | mean | " +
-                   " | ".join(f"seed {s}" for s in data["seeds"]) + " | CPU-s (3 seeds) |")
+                   " | ".join(f"seed {s}" for s in data["seeds"]) + " | CPU-s (seeds run) |")
         out.append("|---:|---:|---:|---:|" + "---:|" * len(data["seeds"]) + "---:|")
         for b in data["budgets"]:
             row = sorted((c for c in cells if c["budget"] == b), key=lambda c: -c["sft_fraction"])

@@ -9,7 +9,7 @@
     rep.to_pandas()                           # a DataFrame (pandas installed)
 
 The methods have the names of the CLI commands (`plan`, `submit`, `run`, `sync`, `status`,
-`resubmit`, `cancel`, `report`, `recommend`, `logs`) and of `ledger`'s listings (`points`,
+`resubmit`, `cancel`, `report`, `recommend`, `search`, `logs`) and of `ledger`'s listings (`points`,
 `stages`, `attempts`, `spend`, `sql`, `metadata`); the CLI parses arguments, calls them
 and prints.
 They return the data model's objects (budgetlab.datamodel: Grid, Cell, Point, Stage,
@@ -220,6 +220,22 @@ class Lab:
         from budgetlab.recommend import recommend
         return recommend(self.report(grid, metric=metric, cost=cost, sync=sync), budget,
                          top=top)
+
+    def search(self, grid, eta: int = 3, borrow: bool = True, z: float = 1.0,
+               all_seeds: bool = False, seed: int | None = None,
+               executor: str = "local", poll: float = 1.0, timeout: float | None = None,
+               on_round=None) -> dict:
+        """Find the best split per budget of GRID while measuring only part of it
+        (budgetlab.search: successive halving over (method, SFT share) per budget, seeds
+        as the fidelity, pools and seed noise borrowed from the budgets below). Registers the grid, runs
+        round after round on `executor` and waits for each; the dict of `search --json`.
+        Measured cells are ordinary ledger points: `report` and `recommend` show them."""
+        from budgetlab.search import Strategy, search
+        plan = load_plan(grid)
+        strategy = Strategy(eta=eta, borrow=borrow, z=z, all_seeds=all_seeds, seed=seed)
+        strategy.check()          # bad input before anything is written
+        return search(self.ledger(create=True), plan, self.workdir, strategy,
+                      executor=executor, poll=poll, timeout=timeout, on_round=on_round)
 
     # -- the ledger's listings ------------------------------------------------------------
     def grids(self) -> list:

@@ -10,7 +10,9 @@ deviation, which is the uncertainty shown. Outside the measured range there is n
 only a warning and the nearest measured budget's result, labelled as such.
 
 "Contenders" are candidates whose mean + sd reaches the best's mean - sd (a single seed
-borrows the median sd of the others): the data cannot order them yet. The next runs are
+borrows the median sd of the others there, or, where none has two seeds, as after a
+`budgetlab search` decided a budget on one seed, the median sd of the same task and model
+at the other budgets): the data cannot order them yet. The next runs are
 chosen to separate them: measure them at the budget itself, fill their missing or failed
 cells, add a seed where the spread is unknown or wide.
 """
@@ -102,6 +104,9 @@ def _answer(rep: Report, task: str, model: str, budget: float, top: int) -> dict
                   if not all(by.get(b) and by[b]["score_mean"] is not None for b in rests_on)]
     best = rows[0] if rows else None
     known = [r["sd"] for r in rows if r["sd"] is not None]
+    if not known:  # nothing here has two seeds (a searched grid): the spread at other budgets
+        known = [g["score_std"] for by in cands.values() for g in by.values()
+                 if g["score_std"] is not None]
     typical = statistics.median(known) if known else None
     contenders = [r for r in rows[1:] if best and _overlaps(r, best, typical)]
     return {**base, "kind": kind, "method": how, "warning": warning, "at_budget": at,

@@ -2,11 +2,12 @@
 
     from budgetlab.builtin import resolve
     path = resolve("arith-tiny")      # a local Hugging Face model + tokenizer directory
+    path = resolve("arith-small")     # the same tokenizer and recipe, 3.1x the parameters
 
 The weights ship in the package (budgetlab/builtin/<NAME>/). If they are missing (a trimmed
 install), they are rebuilt deterministically into ~/.cache/budgetlab/builtin/<NAME> by
-`python -m budgetlab.builtin.build NAME` (9-11 minutes on 2 busy CPU cores, one thread;
-bit-identical to the shipped weights).
+`python -m budgetlab.builtin.build NAME` (arith-tiny: 9-11 minutes on 2 busy CPU cores, one
+thread; arith-small: see bench/RESULTS.md; bit-identical to the shipped weights).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-NAMES = ("arith-tiny",)
+NAMES = ("arith-tiny", "arith-small")
 _HERE = Path(__file__).resolve().parent
 
 

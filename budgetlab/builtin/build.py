@@ -1,4 +1,4 @@
-"""Build a built-in model deterministically: `python -m budgetlab.builtin.build arith-tiny [OUT]`.
+"""Build a built-in model deterministically: `python -m budgetlab.builtin.build NAME [OUT]`.
 
 arith-tiny: a 4-layer Llama (hidden 128, ~0.8M parameters) with a character-level tokenizer
 (built with `tokenizers`, saved as a Hugging Face fast tokenizer), pre-trained on a corpus of
@@ -6,6 +6,10 @@ bare equations ("12+7=19") mixed with short stories that use the task's language
 apples and gets 7 more. 12+7=19, so now Tom has 19 apples."). It never sees the task's
 `Q: ... A: ... #### N` answer format, so it scores 0 on `arith` until fine-tuned: the base model
 "knows the maths but not the format", like a pre-trained LLM before SFT.
+arith-small: the same tokenizer, corpus and recipe with a 6-layer Llama of hidden size 192
+(2.68M parameters, 3.1x arith-tiny's 0.87M), pre-trained for 2 epochs instead of 3 (same
+number of documents), so that it builds in about twice arith-tiny's time. It is the second
+model size of jobs/toy-study.toml.
 Why stories and not only equations: a model pre-trained on bare equations alone learned the
 word-problem mapping far too slowly in SFT for a small-budget quickstart (see PAPER.md).
 """
@@ -70,12 +74,22 @@ def corpus(n_docs: int = 6000, seed: int = SEED) -> list[str]:
     return docs
 
 
-def make_model(tokenizer):
+# name -> (architecture, pre-training epochs). Head size 32 in both.
+SIZES = {
+    "arith-tiny": ({"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+                    "num_attention_heads": 4, "num_key_value_heads": 4}, 3),
+    "arith-small": ({"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 6,
+                     "num_attention_heads": 6, "num_key_value_heads": 6}, 2),
+}
+
+
+def make_model(tokenizer, name: str = "arith-tiny"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if name not in SIZES:
+        raise ValueError(f"unknown built-in model {name!r}; known: {', '.join(SIZES)}")
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=len(tokenizer), **SIZES[name][0],
         max_position_embeddings=512, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -117,10 +131,11 @@ def pretrain(model, tokenizer, docs, epochs: int = 3, batch_size: int = 16, lr: 
     return model
 
 
-def build(name: str, out: str | Path) -> Path:
-    """Build model NAME into directory OUT (written to a temp dir, then renamed)."""
-    if name != "arith-tiny":
-        raise ValueError(f"unknown built-in model {name!r}")
+def build(name: str, out: str | Path, n_docs: int | None = None) -> Path:
+    """Build model NAME into directory OUT (written to a temp dir, then renamed). n_docs
+    shortens the corpus (the determinism test; the shipped weights use the default)."""
+    if name not in SIZES:
+        raise ValueError(f"unknown built-in model {name!r}; known: {', '.join(SIZES)}")
     import torch
 
     start = time.time()
@@ -132,8 +147,9 @@ def build(name: str, out: str | Path) -> Path:
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     tokenizer = make_tokenizer()
-    model = make_model(tokenizer)
-    pretrain(model, tokenizer, corpus())
+    model = make_model(tokenizer, name)
+    pretrain(model, tokenizer, corpus() if n_docs is None else corpus(n_docs),
+             epochs=SIZES[name][1])
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -149,12 +165,18 @@ def build(name: str, out: str | Path) -> Path:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    n_docs = None
+    if "--docs" in argv:       # a shorter corpus: `--docs N` (tests)
+        i = argv.index("--docs")
+        n_docs = int(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
     if not argv:
-        print("usage: python -m budgetlab.builtin.build NAME [OUT_DIR]", file=sys.stderr)
+        print("usage: python -m budgetlab.builtin.build NAME [OUT_DIR] [--docs N]",
+              file=sys.stderr)
         return 2
     name = argv[0]
     out = argv[1] if len(argv) > 1 else Path(__file__).resolve().parent / name
-    build(name, out)
+    build(name, out, n_docs=n_docs)
     return 0
 
 

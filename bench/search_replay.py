@@ -1,0 +1,224 @@
+"""Replay `budgetlab search` against a grid measured in full, and against two baselines.
+
+    .venv/bin/python bench/search_replay.py [bench/data/toy_study.json] [--seeds 24] [--eta 3] [--z 1]
+        [--models builtin:arith-tiny]
+
+The table (bench/toy_study.py) holds every cell's score per seed and every stage's
+CPU-seconds. Each search "measures" a cell by looking its score up, and pays the CPU-seconds
+of the stages of the cell's point that it has not paid yet (a stage shared by several cells,
+an SFT stage across budgets for instance, is paid once), exactly what a real run would cost.
+The truth at each (task, model, budget) is the best mean over all seeds of every candidate
+(method, SFT share); a search is right there when the split it returns has that mean (ties
+count as right). Regret = true mean of the best minus true mean of the split returned.
+
+Strategies, each run with search seeds 0..N-1 (the seed shuffles the order in which the
+grid's seeds are used, and breaks ties at random):
+  ladder        budgetlab search's default (successive halving per budget, seeds as the
+                fidelity, pools borrowed from the budget below)
+  sh            plain successive halving (every budget from every candidate; rungs of all
+                budgets together), capped at the ladder's compute of the same search seed
+                (a cell that no longer fits is skipped, a cheaper later one still measured)
+  random        random cells (candidate, budget, seed) until the ladder's compute is spent
+  ladder-all    the ladder with --all-seeds (every winner measured with every seed; its own
+                compute, for reference)
+  sh-full       plain successive halving run to its end (its own compute, for reference)
+RESULT lines come last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+
+from budgetlab.search import (SFT_ONLY, Observations, Request, Space, Strategy,
+                              breadth_first, ladder, run_search)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Table:
+    def __init__(self, data: dict):
+        self.data = data
+        self.stage_cost = {s: (v["cpu_seconds"] or 0.0) for s, v in data["stages"].items()}
+        self.cells = {}
+        for c in data["cells"]:
+            for seed, v in c["seeds"].items():
+                self.cells[(c.get("task", data["tasks"][0] if "tasks" in data else "arith"),
+                            c["model"], float(c["budget"]), c["method"],
+                            float(c["sft_fraction"]), int(seed))] = v
+        self.full_cost = self.cost_of(self.spaces())
+
+    def cost_of(self, spaces) -> float:
+        """The full grid of these (task, model) pairs and their seeds, shared stages once."""
+        keep = {(sp.task, sp.model, s) for sp in spaces for s in sp.seeds}
+        return sum(self.stage_cost[s] for s in
+                   {s for k, v in self.cells.items() if (k[0], k[1], k[5]) in keep
+                    for s in v["chain"]})
+
+    def spaces(self) -> list[Space]:
+        d = self.data
+        cands = []
+        for f in sorted(d["sft_fractions"], reverse=True):
+            cands += [(SFT_ONLY, 1.0)] if f == 1.0 else [(m, float(f)) for m in d["methods"]]
+        tasks = sorted({k[0] for k in self.cells})
+        out = []
+        for t in tasks:
+            for m in d["models"]:
+                # a seed with a cell not measured (a table written with --partial) is left out
+                seeds = [s for s in d["seeds"] if all(
+                    v["score"] is not None for k, v in self.cells.items()
+                    if k[:2] == (t, m) and k[5] == s)]
+                if seeds:
+                    out.append(Space(t, m, sorted(float(b) for b in d["budgets"]), cands,
+                                     seeds, list(d["methods"])))
+        return out
+
+    def cell(self, r: Request) -> dict:
+        return self.cells[(r.task, r.model, r.budget, r.method, r.sft_fraction, r.seed)]
+
+    def truth(self, sp: Space, budget, cand) -> float:
+        method = sp.methods[0] if cand[0] == SFT_ONLY else cand[0]
+        return statistics.fmean(self.cells[(sp.task, sp.model, budget, method, cand[1], s)]
+                                ["score"] for s in sp.seeds)
+
+
+class Meter:
+    """measure() for run_search: scores from the table, CPU-seconds of new stages paid;
+    with a cap, requests that no longer fit are refused (skip=True: try the next ones)."""
+
+    def __init__(self, table: Table, cap: float | None = None, skip: bool = False):
+        self.t, self.cap, self.skip = table, cap, skip
+        self.paid: set[str] = set()
+        self.cost = 0.0
+        self.stopped = False
+
+    def price(self, r) -> float:
+        return sum(self.t.stage_cost[s] for s in set(self.t.cell(r)["chain"]) - self.paid)
+
+    def __call__(self, reqs):
+        got = {}
+        for r in reqs:
+            if self.stopped:
+                break
+            extra = self.price(r)
+            if self.cap is not None and self.cost + extra > self.cap + 1e-9:
+                if not self.skip:
+                    self.stopped = True
+                continue
+            self.cost += extra
+            self.paid |= set(self.t.cell(r)["chain"])
+            got[r] = self.t.cell(r)["score"]
+        return got
+
+
+def score_answers(table: Table, spaces, picks: dict) -> tuple[int, int, float]:
+    """(right, total, mean regret) of picks {(task, model, budget): candidate or None}."""
+    right, regrets = 0, []
+    for sp in spaces:
+        for b in sp.budgets:
+            truths = {c: table.truth(sp, b, c) for c in sp.candidates}
+            best = max(truths.values())
+            pick = picks.get((sp.task, sp.model, b))
+            got = truths[pick] if pick is not None else statistics.fmean(truths.values())
+            right += abs(got - best) <= 1e-9
+            regrets.append(best - got)
+    return right, len(regrets), statistics.fmean(regrets)
+
+
+def run_strategy(table, spaces, strategy, driver, cap=None):
+    meter = Meter(table, cap, skip=True)   # a capped run fills the cap with what still fits
+    results, obs, rounds = run_search(spaces, meter, strategy, driver=driver)
+    picks = {}
+    for sp in spaces:
+        for b, a in results[(sp.task, sp.model)].items():
+            picks[(sp.task, sp.model, b)] = a["best"] if obs.of(sp, b, a["best"]) else None
+    return picks, meter.cost, rounds, obs
+
+
+def random_search(table, spaces, seed, cap):
+    rng = random.Random(seed)
+    reqs = [sp.request(b, c, s) for sp in spaces for b in sp.budgets for c in sp.candidates
+            for s in sp.seeds]
+    rng.shuffle(reqs)
+    meter = Meter(table, cap, skip=True)
+    got = meter(reqs)
+    obs = Observations()
+    by = {(sp.task, sp.model): sp for sp in spaces}
+    for r, v in got.items():
+        obs.add(by[(r.task, r.model)], r, v)
+    picks = {}
+    for sp in spaces:
+        for b in sp.budgets:
+            seen = [c for c in sp.candidates if obs.of(sp, b, c)]
+            rng.shuffle(seen)   # random tie-break among equal means
+            picks[(sp.task, sp.model, b)] = (max(seen, key=lambda c: obs.mean(sp, b, c))
+                                             if seen else None)
+    return picks, meter.cost
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("table", nargs="?", default=str(ROOT / "bench" / "data" / "toy_study.json"))
+    ap.add_argument("--seeds", type=int, default=24, help="search seeds (>= 20)")
+    ap.add_argument("--eta", type=int, default=3)
+    ap.add_argument("--models", nargs="*", help="replay only these models (default: all)")
+    ap.add_argument("--z", type=float, default=1.0, help="the search's band (Strategy.z)")
+    args = ap.parse_args()
+    table = Table(json.loads(Path(args.table).read_text()))
+    spaces = [sp for sp in table.spaces() if not args.models or sp.model in args.models]
+    table.full_cost = table.cost_of(spaces)
+    n_cells = sum(len(sp.budgets) * len(sp.candidates) * len(sp.seeds) for sp in spaces)
+    print(f"table {args.table}: " + ", ".join(f"{sp.model} ({len(sp.seeds)} seeds)"
+                                             for sp in spaces)
+          + f"; {len(spaces[0].budgets)} budgets x {len(spaces[0].candidates)} candidates: "
+          f"{n_cells} cells (SFT only is one candidate), full grid {table.full_cost:.0f} CPU-s")
+    for sp in spaces:
+        for b in sp.budgets:
+            truths = {c: table.truth(sp, b, c) for c in sp.candidates}
+            best = max(truths.values())
+            wins = [f"{c[0]} {c[1]:g}" for c, v in truths.items() if abs(v - best) <= 1e-9]
+            print(f"truth {sp.model} budget {b:g}: best {', '.join(wins)} ({best:.3f})")
+
+    stats = {k: {"right": [], "regret": [], "cost": []} for k in
+             ("ladder", "sh", "random", "ladder-all", "sh-full")}
+    total = None
+    for seed in range(args.seeds):
+        strat = Strategy(eta=args.eta, borrow=True, seed=seed, z=args.z)
+        picks, cost, rounds, _ = run_strategy(table, spaces, strat, ladder)
+        plain = Strategy(eta=args.eta, borrow=False, seed=seed)
+        runs = {"ladder": (picks, cost),
+                "sh": run_strategy(table, spaces, plain, breadth_first, cap=cost)[:2],
+                "random": random_search(table, spaces, seed, cost),
+                "ladder-all": run_strategy(table, spaces, Strategy(
+                    eta=args.eta, borrow=True, seed=seed, z=args.z, all_seeds=True),
+                    ladder)[:2],
+                "sh-full": run_strategy(table, spaces, plain, breadth_first)[:2]}
+        line = []
+        for k, (p, c) in runs.items():
+            right, total, regret = score_answers(table, spaces, p)
+            stats[k]["right"].append(right / total)
+            stats[k]["regret"].append(regret)
+            stats[k]["cost"].append(c / table.full_cost)
+            line.append(f"{k} {right}/{total} ({c / table.full_cost:.0%})")
+        print(f"search seed {seed:2d}: " + "; ".join(line))
+    print()
+    for k, s in stats.items():
+        print(f"{k:10s} right {statistics.fmean(s['right']):.3f} (min {min(s['right']):.3f}) "
+              f"regret {statistics.fmean(s['regret']):.4f} compute "
+              f"{statistics.fmean(s['cost']):.3f} of the full grid")
+    names = {"ladder": "search", "sh": "sh_equal_compute", "random": "random_equal_compute",
+             "ladder-all": "search_all_seeds", "sh-full": "sh_full"}
+    for k, s in stats.items():
+        print(f"RESULT {names[k]}_right_fraction {statistics.fmean(s['right']):.3f}")
+        print(f"RESULT {names[k]}_mean_regret {statistics.fmean(s['regret']):.4f}")
+        print(f"RESULT {names[k]}_compute_fraction {statistics.fmean(s['cost']):.3f}")
+    print(f"RESULT search_seeds {args.seeds}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""Find the best split per budget while measuring only a fraction of the grid.
+
+    from budgetlab.search import search_plan, Strategy
+    result = search_plan(plan, measure, Strategy())   # measure(list[Request]) -> {Request: score}
+
+The candidates of a (task, model) are the grid's (method, SFT share) pairs; share 1.0 is SFT
+only, one candidate whatever the method (the same point). The strategy, "ladder":
+
+1. Successive halving per budget, with seeds as the fidelity. Rung 0 measures every candidate
+   in the pool with one seed; the best ceil(n / eta) by mean go on to eta times as many seeds
+   (capped at the grid's seeds), and so on until one is left or every seed is measured. The
+   answer at a budget is the best mean among the candidates measured with the most seeds.
+2. Borrowing across budgets: budgets are searched smallest first (the cheapest), and from the
+   second budget on the pool is not every candidate but the best ceil(n / eta) of the budget
+   below (its rung-0 ranking), plus the SFT-share neighbours (same method, next share up and
+   down) of its winner: the best share moves smoothly with the budget, and a candidate that
+   lost clearly one budget down is not measured again unless it is next to the winner.
+   The seed noise is borrowed too: once a budget has candidates measured with several
+   seeds, their pooled seed standard deviation is known, and at a later budget a candidate
+   is promoted only if its band mean + z*sd reaches the leader's mean - z*sd (each with its
+   own seed sd, or the pooled one while it has one seed; z = 1 by default, which is the band
+   of `budgetlab recommend`'s contenders), so a clear loser is not measured with more
+   seeds; and when
+   no other candidate of the pool is that close, the budget is decided and the leader is
+   not measured with more seeds either (`all_seeds=True`, `--all-seeds`: it always is,
+   so that the answer's mean and spread use every seed).
+   `borrow=False` is plain successive halving, every budget on its own.
+
+Every request is an ordinary grid cell (task, model, budget, share, method, seed): the stages
+it runs are the stages of that cell's point, with the same ids as a full submit, so a later
+`budgetlab submit` or `report` of the same grid reuses and shows them. Stages shared between
+cells (an SFT stage serves every point with the same n_sft and seed, across budgets) run once.
+
+The searches of different (task, model) pairs run side by side: each round sends one batch
+with the next requests of every pair (`measure` gets a whole round at once).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from dataclasses import dataclass, field
+
+from budgetlab.errors import BadInput
+
+SFT_ONLY = "sft"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One cell to measure: candidate (method, sft_fraction) at a budget, with one seed."""
+    task: str
+    model: str
+    budget: float
+    method: str
+    sft_fraction: float
+    seed: int
+
+
+@dataclass
+class Strategy:
+    eta: int = 3               # keep the best 1/eta of a rung; eta times the seeds next rung
+    borrow: bool = True        # the budget below prunes a budget's pool (False: plain halving)
+    seed: int | None = None    # shuffles the order of the grid's seeds (None: grid order)
+    z: float = 1.0             # band half-width in seed sds (1: recommend's contenders band)
+    all_seeds: bool = False    # measure the winner with every seed even when it is clear
+
+    def check(self) -> None:
+        if not isinstance(self.eta, int) or isinstance(self.eta, bool) or self.eta < 2:
+            raise BadInput(f"--eta: must be an integer >= 2, got {self.eta!r}")
+        if not (isinstance(self.z, (int, float)) and not isinstance(self.z, bool)
+                and math.isfinite(self.z) and self.z >= 0):
+            raise BadInput(f"--z: must be a number >= 0, got {self.z!r}")
+
+    def describe(self) -> dict:
+        return {"name": "ladder" if self.borrow else "successive-halving", "eta": self.eta,
+                "borrow": self.borrow, "z": self.z if self.borrow else None,
+                "all_seeds": self.all_seeds or not self.borrow, "seed": self.seed,
+                "fidelity": "seeds", "budgets": "ascending"}
+
+
+@dataclass
+class Space:
+    """What one (task, model) search ranges over."""
+    task: str
+    model: str
+    budgets: list[float]
+    candidates: list[tuple[str, float]]      # (method, share); ("sft", 1.0) for SFT only
+    seeds: list[int]
+    methods: list[str]                        # the grid's methods (SFT only uses the first)
+
+    def request(self, budget, cand, seed) -> Request:
+        method, share = cand
+        return Request(self.task, self.model, budget,
+                       self.methods[0] if method == SFT_ONLY else method, share, seed)
+
+
+@dataclass
+class Observations:
+    """Scores measured so far: (task, model, budget, candidate) -> {seed: score or None}."""
+    scores: dict = field(default_factory=dict)
+
+    def add(self, space: Space, req: Request, score) -> None:
+        cand = (SFT_ONLY, 1.0) if req.sft_fraction == 1.0 else (req.method, req.sft_fraction)
+        self.scores.setdefault((space.task, space.model, req.budget, cand), {})[req.seed] = score
+
+    def of(self, space: Space, budget, cand) -> dict:
+        return self.scores.get((space.task, space.model, budget, cand), {})
+
+    def mean(self, space, budget, cand) -> float | None:
+        vals = [v for v in self.of(space, budget, cand).values() if v is not None]
+        return statistics.fmean(vals) if vals else None
+
+
+def spaces_of(plan) -> list[Space]:
+    """One Space per (task, model) of a budgetlab.graph.Plan."""
+    spec = plan.spec
+    cands: list[tuple[str, float]] = []
+    for f in sorted(spec.sft_fractions, reverse=True):
+        if f == 1.0:
+            cands.append((SFT_ONLY, 1.0))
+        else:
+            cands += [(m, f) for m in spec.methods]
+    return [Space(t, m, sorted(spec.budgets), list(dict.fromkeys(cands)), list(spec.seeds),
+                  list(spec.methods)) for t in spec.tasks for m in spec.models]
+
+
+def _rank(space: Space, obs: Observations, budget, cands, rng) -> list:
+    """Best first: mean over the seeds measured (unmeasured or all-failed last); ties broken
+    by the larger SFT share, then at random when rng is given."""
+    def key(c):
+        m = obs.mean(space, budget, c)
+        return (m is None, -(m if m is not None else 0.0), -c[1], tiebreak[c])
+    tiebreak = {c: (rng.random() if rng else i) for i, c in enumerate(cands)}
+    return sorted(cands, key=key)
+
+
+def pooled_sd(obs: Observations, space: Space) -> float | None:
+    """The seed standard deviation pooled over every (budget, candidate) of this space
+    measured with two seeds or more; None before there is any."""
+    ss, dof = 0.0, 0
+    for (task, model, _b, _c), by in obs.scores.items():
+        vals = [v for v in by.values() if v is not None]
+        if (task, model) == (space.task, space.model) and len(vals) > 1:
+            m = statistics.fmean(vals)
+            ss += sum((v - m) ** 2 for v in vals)
+            dof += len(vals) - 1
+    return math.sqrt(ss / dof) if dof else None
+
+
+def _sd(obs, space, budget, cand, pooled) -> float | None:
+    vals = [v for v in obs.of(space, budget, cand).values() if v is not None]
+    return statistics.stdev(vals) if len(vals) > 1 else pooled
+
+
+def _close_to_leader(space, obs, budget, ranked, z) -> list:
+    """`ranked` (best first) cut to the leader and the candidates the seed noise cannot tell
+    from it: mean + z*sd reaches the leader's mean - z*sd, each with its own seed sd, or the
+    pooled one (pooled_sd) while it has a single seed. With z = 1 this is `recommend`'s band
+    (its "contenders"). All of them while no seed spread is known yet."""
+    pooled = pooled_sd(obs, space)
+    if pooled is None or not ranked:
+        return ranked
+    lead = obs.mean(space, budget, ranked[0])
+    if lead is None:
+        return ranked
+    lo = lead - z * _sd(obs, space, budget, ranked[0], pooled)
+    return [ranked[0]] + [c for c in ranked[1:] if obs.mean(space, budget, c) is not None
+                          and obs.mean(space, budget, c) + z * _sd(obs, space, budget, c,
+                                                                   pooled) >= lo]
+
+
+def _neighbours(space: Space, cand) -> list:
+    """The candidates next to `cand` in SFT share: same method, one share up and one down
+    (SFT only neighbours every method's highest share below 1)."""
+    shares = sorted({c[1] for c in space.candidates}, reverse=True)
+    i = shares.index(cand[1])
+    out = []
+    for j in (i - 1, i + 1):
+        if 0 <= j < len(shares):
+            s = shares[j]
+            out += [c for c in space.candidates if c[1] == s and
+                    (cand[0] == SFT_ONLY or c[0] == SFT_ONLY or c[0] == cand[0])]
+    return out
+
+
+def ladder(space: Space, obs: Observations, strategy: Strategy):
+    """The search of one (task, model): a generator of rounds (lists of Requests); between
+    two rounds the caller records the scores in `obs`. Returns {budget: answer dict}."""
+    rng = random.Random(strategy.seed) if strategy.seed is not None else None
+    seeds = list(space.seeds)
+    if rng is not None:
+        rng.shuffle(seeds)
+    eta = strategy.eta
+    answers, prev = {}, None
+    for budget in space.budgets:
+        if prev is None or not strategy.borrow:
+            pool = list(space.candidates)
+        else:
+            keep = prev["rung0"][:math.ceil(len(space.candidates) / eta)]
+            near = _neighbours(space, prev["rung0"][0])
+            pool = [c for c in space.candidates if c in keep or c in near]
+        alive, fid, rungs = pool, 1, []
+        yield [space.request(budget, c, s) for c in alive for s in seeds[:fid]]
+        rung0 = _rank(space, obs, budget, pool, rng)
+        rungs.append({"seeds": fid, "candidates": alive})
+        while len(alive) > 1 and fid < len(seeds):
+            ranked = _rank(space, obs, budget, alive, rng)
+            if not strategy.borrow:
+                alive = ranked[:math.ceil(len(alive) / eta)]
+            else:
+                close = _close_to_leader(space, obs, budget, ranked, strategy.z)
+                if len(close) == 1 and pooled_sd(obs, space) is not None \
+                        and not strategy.all_seeds:
+                    alive = close
+                    break                    # decided: nothing is within the seed noise
+                # the leader and the ones the noise cannot tell from it (at least two)
+                alive = close[:max(2, math.ceil(len(alive) / eta))]
+            fid = min(len(seeds), fid * eta)
+            yield [space.request(budget, c, s) for c in alive for s in seeds[:fid]
+                   if s not in obs.of(space, budget, c)]
+            rungs.append({"seeds": fid, "candidates": alive})
+        alive = _rank(space, obs, budget, alive, rng)
+        answers[budget] = {"pool": pool, "rungs": rungs, "finalists": alive, "best": alive[0]}
+        # What the next budget borrows: the finalists in order, then the rest by rung 0.
+        prev = {"rung0": alive + [c for c in rung0 if c not in alive]}
+    return answers
+
+
+def breadth_first(space: Space, obs: Observations, strategy: Strategy):
+    """Plain successive halving with the rungs of every budget in one round (no borrowing):
+    rung 0 of every budget, then rung 1 of every budget, ... The baseline of
+    bench/search_replay.py; the same answers as ladder(borrow=False), in fewer rounds."""
+    rng = random.Random(strategy.seed) if strategy.seed is not None else None
+    seeds = list(space.seeds)
+    if rng is not None:
+        rng.shuffle(seeds)
+    eta = strategy.eta
+    alive = {b: list(space.candidates) for b in space.budgets}
+    fid = 1
+    yield [space.request(b, c, s) for b in space.budgets for c in alive[b] for s in seeds[:1]]
+    while fid < len(seeds) and any(len(a) > 1 for a in alive.values()):
+        for b in space.budgets:
+            if len(alive[b]) > 1:
+                alive[b] = _rank(space, obs, b, alive[b], rng)[:math.ceil(len(alive[b]) / eta)]
+        fid = min(len(seeds), fid * eta)
+        yield [space.request(b, c, s) for b in space.budgets for c in alive[b]
+               for s in seeds[:fid] if s not in obs.of(space, b, c)]
+    return {b: {"pool": list(space.candidates), "finalists": alive[b],
+                "best": _rank(space, obs, b, alive[b], rng)[0]} for b in space.budgets}
+
+
+def run_search(spaces: list[Space], measure, strategy: Strategy, driver=ladder,
+               on_round=None) -> tuple[dict, Observations, int]:
+    """Drive one search per space side by side. measure(list[Request]) -> {Request: score or
+    None}; a request it leaves out (a compute cap reached) stays unmeasured. Returns
+    ({(task, model): {budget: answer}}, Observations, rounds)."""
+    strategy.check()
+    obs = Observations()
+    gens = {(s.task, s.model): (s, driver(s, obs, strategy)) for s in spaces}
+    pending = {k: next(g, None) for k, (s, g) in gens.items()}
+    results: dict = {}
+    rounds = 0
+
+    def advance(k):
+        try:
+            return gens[k][1].send(None)
+        except StopIteration as stop:
+            results[k] = stop.value
+            return None
+    batch_of = {k: b for k, b in pending.items() if b is not None}  # at their first round
+    while batch_of:
+        reqs = [r for b in batch_of.values() for r in b]
+        got = measure(list(dict.fromkeys(reqs))) if reqs else {}
+        rounds += 1 if reqs else 0
+        for k, b in batch_of.items():
+            for r in b:
+                if r in got:
+                    obs.add(gens[k][0], r, got[r])
+        if on_round is not None:
+            on_round(rounds, reqs, got)
+        nxt = {}
+        for k in batch_of:
+            b = advance(k)
+            if b is not None:
+                nxt[k] = b
+        batch_of = nxt
+    return results, obs, rounds
+
+
+def answer_rows(spaces: list[Space], results: dict, obs: Observations, plan=None) -> list[dict]:
+    """One row per (task, model, budget): the split found, its mean and spread over the seeds
+    measured, and what the search compared it with."""
+    from budgetlab.alloc import allocate
+
+    costs = plan.spec.costs if plan is not None else {}
+    rows = []
+    for sp in spaces:
+        for b in sp.budgets:
+            a = results[(sp.task, sp.model)][b]
+            method, share = a["best"]
+            vals = [v for v in obs.of(sp, b, a["best"]).values() if v is not None]
+            n_sft, n_pft = (allocate(b, share, costs["sft_example"], costs["preference_pair"])
+                            if costs else (None, None))
+            rows.append({
+                "task": sp.task, "model": sp.model, "budget": b, "method": method,
+                "sft_fraction": share, "n_sft": n_sft, "n_pft": n_pft,
+                "score_mean": statistics.fmean(vals) if vals else None,
+                "score_std": statistics.stdev(vals) if len(vals) > 1 else None,
+                "n_seeds": len(vals),
+                "candidates_measured": len([c for c in sp.candidates
+                                            if obs.of(sp, b, c)]),
+                "candidates": len(sp.candidates),
+                "finalists": [{"method": m, "sft_fraction": f,
+                               "score_mean": obs.mean(sp, b, (m, f)),
+                               "n_seeds": len([v for v in obs.of(sp, b, (m, f)).values()
+                                               if v is not None])}
+                              for m, f in a["finalists"]],
+            })
+    return rows
+
+
+# -- on a ledger: each round submits its cells' stages and waits for them --------------------
+def search(led, plan, workdir, strategy: Strategy, executor: str = "local", poll: float = 1.0,
+           timeout: float | None = None, on_round=None) -> dict:
+    """Register the plan's grid, then search it: every round submits the stages of its cells'
+    points (budgetlab.orchestrate.submit_stages; complete ones are reused), waits for them,
+    and reads the scores from the ledger (budgetlab.report). The dict of `search --json`."""
+    import time
+    from pathlib import Path
+
+    from budgetlab.backends import get_backend
+    from budgetlab.errors import RuntimeFailure
+    from budgetlab.orchestrate import submit_stages, wait
+    from budgetlab.report import COMPLETED, build_report
+
+    strategy.check()
+    settings = dict(getattr(plan.spec, executor, {}) or {})
+    backend = get_backend(executor, Path(workdir), settings)   # unknown: nothing written
+    led.register(plan)
+    cell_of = {(c.task, c.model, c.budget, c.sft_fraction, c.method, c.seed): c
+               for c in plan.cells}
+    before = {s.stage_id for s in led.stages(stage_ids=list(plan.stages))
+              if s.state == COMPLETED}
+    used: dict[str, None] = {}
+    start = time.time()
+    log = []
+
+    def measure(reqs):
+        ids = []
+        for r in reqs:
+            p = plan.points[cell_of[(r.task, r.model, r.budget, r.sft_fraction, r.method,
+                                     r.seed)].point_id]
+            ids += [s for s in (p.sft_stage_id, p.pft_stage_id, p.eval_stage_id) if s]
+        ids = list(dict.fromkeys(ids))
+        used.update(dict.fromkeys(ids))
+        res = submit_stages(led, ids, workdir, executor, settings, grid=plan.name,
+                            backend=backend)
+        left = None if timeout is None else max(0.0, timeout - (time.time() - start))
+        st = wait(led, workdir, plan.name, poll_s=poll, timeout_s=left)
+        if st["active"]:
+            raise RuntimeFailure(f"{plan.name}: search stopped after {timeout:g} s with "
+                                 f"{st['active']} stage(s) still running (they keep running; "
+                                 f"`budgetlab search` again resumes from what finished)")
+        rep = build_report(led, plan.name)
+        scores = {(c["task"], c["model"], c["budget"], c["sft_fraction"], c["method"],
+                   c["seed"]): c["score"] for c in rep.cells}
+        got = {r: scores.get((r.task, r.model, r.budget, r.sft_fraction, r.method, r.seed))
+               for r in reqs}
+        log.append({"round": len(log) + 1, "cells": len(reqs), "stages": len(ids),
+                    "submitted": sum(len(u.stages) for u in res.units),
+                    "failed": sum(v is None for v in got.values())})
+        if on_round is not None:
+            on_round(log[-1])
+        return got
+
+    spaces = spaces_of(plan)
+    results, obs, rounds = run_search(spaces, measure, strategy)
+    rep = build_report(led, plan.name)
+    grid_stages = {s for c in plan.cells for s in plan.points[c.point_id].chain if s}
+    compute = led.compute(list(used))
+    return {
+        "grid": plan.name, "metric": rep.metric, "strategy": strategy.describe(),
+        "best": answer_rows(spaces, results, obs, plan),
+        "cells_measured": sum(1 for v in obs.scores.values() for _ in v),
+        "cells_grid": len(plan.cells),
+        "stages_used": len(used), "stages_grid": len(grid_stages),
+        "stage_fraction": len(used) / len(grid_stages) if grid_stages else 0.0,
+        "stages_reused": len(set(used) & before),
+        "gpu_hours": sum((compute.get(s) or {}).get("gpu_hours") or 0.0 for s in used),
+        "cpu_hours": sum((compute.get(s) or {}).get("cpu_hours") or 0.0 for s in used),
+        "rounds": log,
+    }

@@ -41,53 +41,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "faults")]
-from faultkit import CLI, job_pids  # noqa: E402  (the CLI as a process, rank pids)
+from faultkit import CLI, job_pids, write_grid  # noqa: E402  (the fault suite's helpers)
 
 KINDS = ("kill_rank", "kill_node", "scancel", "requeue", "preempt", "ctld_restart",
          "eval_fails", "disk_full", "kill_cli", "overlap")
 TRAINING = ("sft", "dpo", "kto")
-
-GRID = """
-name = "{name}"
-[grid]
-tasks = ["arith"]
-models = ["{model}"]
-budgets = {budgets}
-sft_fractions = {fractions}
-methods = ["dpo"]
-seeds = [0]
-[data.arith]
-eval = "{eval_file}"
-[train]
-max_length = 64
-batch_size = 4
-epochs = {epochs}
-[train.sft]
-lr = 1e-3
-[eval]
-limit = 4
-max_new_tokens = 2
-batch_size = 4
-baseline = false
-[resources]
-micro_batch_size = {micro}
-zero_stage = 0
-checkpoint_every = {every}
-keep_checkpoints = 2
-time_min = 10
-mem_gb = 1
-cpus_per_task = 1
-nodes = {nodes}
-tasks_per_node = {tasks}
-"""
-
 
 @dataclass
 class Run:
@@ -278,13 +242,15 @@ class Campaign:
         epochs = self.rng.choice((250, 350, 450)) if long else 40
         if tasks is None:
             tasks = 2 if nodes == 1 and self.rng.random() < 0.5 else 1
-        text = GRID.format(name=name, model=self.model, budgets=json.dumps(list(budgets)),
-                           fractions=json.dumps(list(fractions)), eval_file=eval_file,
-                           epochs=epochs, micro=4 // (nodes * tasks), every=100, nodes=nodes,
-                           tasks=tasks)
-        path = run_root / f"{name}.toml"
-        path.write_text(textwrap.dedent(text))
-        return path
+        # The fault suite's grid; nodes/ranks land in its [resources], then the eval file.
+        return write_grid(run_root / f"{name}.toml", self.model, name=name, budgets=budgets,
+                          fractions=fractions, epochs=epochs, every=100,
+                          micro=4 // (nodes * tasks), extra=f"""
+            nodes = {nodes}
+            tasks_per_node = {tasks}
+            [data.arith]
+            eval = "{eval_file}"
+            """)
 
     def run(self, index: int, kind: str) -> Run:
         run_root = Path(tempfile.mkdtemp(prefix=f"run{index:03d}-", dir=self.root))

@@ -89,7 +89,7 @@ def execute(dirs: list[str], timings: Path) -> int:
     return 1 if failed else 0
 
 
-def measure(plan, workdir: Path, threads: int) -> None:
+def measure(plan, workdir: Path, threads: int, only_seeds=None) -> None:
     from budgetlab.stagedir import StageDir
 
     for sid, st in plan.stages.items():
@@ -102,6 +102,8 @@ def measure(plan, workdir: Path, threads: int) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu")
     seeds = sorted({s.seed for s in plan.stages.values() if s.kind != "eval"})
     for seed in [None, *seeds]:
+        if only_seeds is not None and seed not in only_seeds:
+            continue
         ids = ordered(plan, seed)
         todo = [str(StageDir.of(workdir, s).root) for s in ids
                 if not (StageDir.of(workdir, s).root / "result.json").exists()]
@@ -147,6 +149,28 @@ def collect(spec, plans: dict, workdir: Path) -> dict:
             "seeds": list(spec.seeds),
             "costs": {"sft": spec.costs["sft_example"], "pair": spec.costs["preference_pair"]},
             "base": base, "stages": stages, "cells": list(cells.values())}
+
+
+def merge(old: dict, new: dict) -> dict:
+    """`new` with what `old` measured where `new` has nothing (same spec: same stage ids)."""
+    for sid, st in old["stages"].items():
+        if new["stages"].get(sid, {}).get("cpu_seconds") is None:
+            new["stages"][sid] = st
+    cells = {(c["task"], c["model"], c["budget"], c["sft_fraction"], c["method"]): c
+             for c in new["cells"]}
+    for c in old["cells"]:
+        key = (c["task"], c["model"], c["budget"], c["sft_fraction"], c["method"])
+        if key not in cells:
+            cells[key] = c
+            continue
+        for seed, v in c["seeds"].items():
+            mine = cells[key]["seeds"].get(seed)
+            if mine is None or mine.get("score") is None:
+                cells[key]["seeds"][seed] = v
+    new["cells"] = list(cells.values())
+    new["models"] = list(dict.fromkeys(old["models"] + new["models"]))
+    new["base"] = {**old.get("base", {}), **new["base"]}
+    return new
 
 
 def markdown(data: dict) -> str:
@@ -199,6 +223,9 @@ def main() -> int:
     ap.add_argument("--models", nargs="*", help="Measure only these (default: all).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--collect-only", action="store_true")
+    ap.add_argument("--seeds", nargs="*", type=int,
+                    help="Measure only these seeds (the base-model evals too) and merge into "
+                         "--out: what it already holds for other stages is kept.")
     ap.add_argument("--partial", action="store_true",
                     help="Also write models measured in part (missing scores are null).")
     args = ap.parse_args()
@@ -212,7 +239,8 @@ def main() -> int:
         for m in args.models or spec.models:
             t0 = time.time()
             print(f"{time.strftime('%H:%M:%S')} {m}: {len(plans[m].stages)} stages", flush=True)
-            measure(plans[m], workdir, args.threads)
+            measure(plans[m], workdir, args.threads,
+                    None if args.seeds is None else {None, *args.seeds})
             print(f"{time.strftime('%H:%M:%S')} {m}: measured in {time.time() - t0:.0f}s wall",
                   flush=True)
     done = [m for m in plans if all((workdir / "stages" / s / "result.json").exists()
@@ -220,7 +248,12 @@ def main() -> int:
     if args.partial:
         done = [m for m in plans if m in done or any(
             (workdir / "stages" / s / "result.json").exists() for s in plans[m].stages)]
+    if args.seeds is not None:   # a model is done when the old table and this run cover it
+        done = [m for m in plans if m in done or any(
+            (workdir / "stages" / s / "result.json").exists() for s in plans[m].stages)]
     out = collect(spec, {m: plans[m] for m in done}, workdir)
+    if args.seeds is not None and Path(args.out).exists():
+        out = merge(json.loads(Path(args.out).read_text()), out)
     out["wall_seconds_this_run"] = round(time.time() - start)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")

@@ -106,8 +106,12 @@ def prepare_process(stage_dirs: list[str]) -> None:
             sys.modules["torch"].set_num_threads(cpus)
 
 
-class Interrupted(Exception):
-    """The job's preemption/timeout signal arrived outside a training loop."""
+class Interrupted(BaseException):
+    """The job's preemption/timeout signal arrived outside a training loop.
+
+    A BaseException, like KeyboardInterrupt: the signal lands anywhere, and libraries wrap
+    much of their work (transformers' model and tokenizer loading) in `except Exception`
+    fallbacks that would swallow it and let the stage run on past its requeue."""
 
 
 def is_interruption(exc: BaseException) -> bool:

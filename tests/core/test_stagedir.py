@@ -47,3 +47,27 @@ def test_error_record_fallback(tmp_path):
     st.error_path.write_text("{not json")
     err = st.read_error()
     assert err["outcome"] == "FAILED" and "invalid JSON" in err["message"]
+
+
+def test_the_stop_signal_is_not_swallowed_by_a_library_fallback():
+    """The job's preemption signal raises Interrupted wherever it lands. transformers loads
+    models and tokenizers inside `except Exception` fallbacks: an Interrupted that such a block
+    could catch let an eval run on to COMPLETED after its stop request (seen on CI)."""
+    import os
+    import signal
+    import time
+
+    from budgetlab.backends.job import _install_interrupt_handler, _preempt_signal
+    from budgetlab.worker import Interrupted, is_interruption
+
+    old = _install_interrupt_handler()
+    try:
+        with pytest.raises(Interrupted) as caught:
+            try:   # what a library's fallback looks like
+                os.kill(os.getpid(), _preempt_signal())
+                time.sleep(5)
+            except Exception:
+                pass
+        assert is_interruption(caught.value)
+    finally:
+        signal.signal(_preempt_signal(), old)

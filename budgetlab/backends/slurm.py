@@ -236,7 +236,8 @@ class SlurmBackend(Backend):
                            capture_output=True, text=True, timeout=60)
 
     def poll(self, job_ids: list[str]) -> Poll:
-        """Every run of these jobs: ONE sacct call (squeue where accounting is disabled)."""
+        """Every run of these jobs: one sacct call and at most one squeue call (squeue alone
+        where accounting is disabled)."""
         global _said_no_accounting
         out = Poll(runs={})
         down = controller_down()
@@ -250,10 +251,6 @@ class SlurmBackend(Backend):
         try:
             out.sacct_calls += 1
             out.runs = sacct(job_ids)
-            unknown = [j for j in job_ids if j not in out.runs]
-            if unknown:   # not in accounting yet (a held job is sent there once eligible)
-                out.squeue_calls += 1
-                out.runs.update(squeue(unknown))
         except AccountingDisabled as e:
             if not _said_no_accounting:
                 out.notes.append(f"SLURM accounting is disabled ({e}): using squeue and the "
@@ -263,16 +260,20 @@ class SlurmBackend(Backend):
             out.squeue_calls += 1
             out.accounting = False
             out.runs = squeue(job_ids)
-        if not down and out.accounting:
-            # sacct keeps the Reason a pending job had when it was recorded ("Dependency"),
-            # not DependencyNeverSatisfied once its parent's job failed: the live reason of
-            # those jobs from squeue (one call, only when such jobs wait), or a child whose
-            # parent completed before its job was killed waits for ever.
-            waiting = [j for j, runs in out.runs.items() if runs and
-                       runs[-1].raw_state == "PENDING" and runs[-1].reason.startswith("Dependency")]
-            if waiting:
+        if out.accounting:
+            # At most one squeue call, for two kinds of jobs: those not in accounting yet (a
+            # held job is sent there once eligible), and those waiting on a dependency: sacct
+            # keeps the Reason a pending job had when it was recorded ("Dependency"), not
+            # DependencyNeverSatisfied once its parent's job failed; without the live reason
+            # a child whose parent completed before its job was killed waits for ever.
+            unknown = [j for j in job_ids if j not in out.runs]
+            waiting = [] if down else [
+                j for j, runs in out.runs.items() if runs and runs[-1].raw_state == "PENDING"
+                and runs[-1].reason.startswith("Dependency")]
+            if unknown or waiting:
                 out.squeue_calls += 1
-                live = squeue(waiting)
+                live = squeue(unknown + waiting)
+                out.runs.update({j: live[j] for j in unknown if j in live})
                 for j in waiting:
                     if live.get(j):
                         last = dataclasses.replace(out.runs[j][-1], reason=live[j][-1].reason)

@@ -34,8 +34,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from budgetlab.search import (SFT_ONLY, Observations, Request, Space, Strategy,
-                              breadth_first, ladder, run_search)
+from budgetlab.search import (SFT_ONLY, Observations, Request, Space, Strategy, band_floor,
+                              breadth_first, ladder, run_search, transfer)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,9 +115,19 @@ class Meter:
         return got
 
 
-def score_answers(table: Table, spaces, picks: dict) -> tuple[int, int, float]:
-    """(right, total, mean regret) of picks {(task, model, budget): candidate or None}."""
-    right, regrets = 0, []
+def full_band(table: Table, sp: Space, budget, epsilon: float) -> list:
+    """The full grid's epsilon-band at a budget: candidates within (1 - epsilon) of the best
+    mean over every seed."""
+    truths = {c: table.truth(sp, budget, c) for c in sp.candidates}
+    floor = band_floor(max(truths.values()), epsilon)
+    return [c for c, v in truths.items() if v >= floor]
+
+
+def score_answers(table: Table, spaces, picks: dict, epsilon: float) -> dict:
+    """Of picks {(task, model, budget): candidate or None}: "agree" (answers whose pick lies in
+    the full grid's epsilon-band), "right" (the exact best mean, ties count), "total",
+    "regret" (mean of best - picked true mean). No pick scores the mean candidate."""
+    agree, right, regrets = 0, 0, []
     for sp in spaces:
         for b in sp.budgets:
             truths = {c: table.truth(sp, b, c) for c in sp.candidates}
@@ -125,8 +135,10 @@ def score_answers(table: Table, spaces, picks: dict) -> tuple[int, int, float]:
             pick = picks.get((sp.task, sp.model, b))
             got = truths[pick] if pick is not None else statistics.fmean(truths.values())
             right += abs(got - best) <= 1e-9
+            agree += pick is not None and pick in full_band(table, sp, b, epsilon)
             regrets.append(best - got)
-    return right, len(regrets), statistics.fmean(regrets)
+    return {"agree": agree, "right": right, "total": len(regrets),
+            "regret": statistics.fmean(regrets)}
 
 
 def run_strategy(table, spaces, strategy, driver, cap=None):
@@ -160,63 +172,112 @@ def random_search(table, spaces, seed, cap):
     return picks, meter.cost
 
 
+def transfer_priors(table: Table, small: Space, epsilon: float) -> dict:
+    """The small model's bands measured in full: the prior of a transfer search."""
+    out = {}
+    for b in small.budgets:
+        truths = {c: table.truth(small, b, c) for c in small.candidates}
+        ranking = sorted(truths, key=lambda c: (-truths[c], -c[1]))
+        floor = band_floor(truths[ranking[0]], epsilon)
+        out[(small.task, b)] = {"ranking": ranking,
+                                "band": [c for c in ranking if truths[c] >= floor]}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("table", nargs="?", default=str(ROOT / "bench" / "data" / "toy_study.json"))
     ap.add_argument("--seeds", type=int, default=24, help="search seeds (>= 20)")
     ap.add_argument("--eta", type=int, default=3)
     ap.add_argument("--models", nargs="*", help="replay only these models (default: all)")
-    ap.add_argument("--z", type=float, default=1.0, help="the search's band (Strategy.z)")
+    ap.add_argument("--z", type=float, default=1.0, help="the search's noise width (Strategy.z)")
+    ap.add_argument("--epsilon", type=float, default=0.05, help="the near-optimal band")
+    ap.add_argument("--transfer", nargs=2, metavar=("SMALL", "LARGE"),
+                    help="models of the transfer replay (default: the table's first two)")
     args = ap.parse_args()
+    eps = args.epsilon
     table = Table(json.loads(Path(args.table).read_text()))
-    spaces = [sp for sp in table.spaces() if not args.models or sp.model in args.models]
+    every = table.spaces()
+    spaces = [sp for sp in every if not args.models or sp.model in args.models]
     table.full_cost = table.cost_of(spaces)
     n_cells = sum(len(sp.budgets) * len(sp.candidates) * len(sp.seeds) for sp in spaces)
     print(f"table {args.table}: " + ", ".join(f"{sp.model} ({len(sp.seeds)} seeds)"
                                              for sp in spaces)
           + f"; {len(spaces[0].budgets)} budgets x {len(spaces[0].candidates)} candidates: "
-          f"{n_cells} cells (SFT only is one candidate), full grid {table.full_cost:.0f} CPU-s")
+          f"{n_cells} cells (SFT only is one candidate), full grid {table.full_cost:.0f} CPU-s;"
+          f" epsilon {eps:g}")
     for sp in spaces:
         for b in sp.budgets:
             truths = {c: table.truth(sp, b, c) for c in sp.candidates}
             best = max(truths.values())
             wins = [f"{c[0]} {c[1]:g}" for c, v in truths.items() if abs(v - best) <= 1e-9]
-            print(f"truth {sp.model} budget {b:g}: best {', '.join(wins)} ({best:.3f})")
+            inband = [f"{c[0]} {c[1]:g}" for c in full_band(table, sp, b, eps)]
+            print(f"truth {sp.model} budget {b:g}: best {', '.join(wins)} ({best:.3f}); "
+                  f"band {', '.join(inband)}")
 
-    stats = {k: {"right": [], "regret": [], "cost": []} for k in
-             ("ladder", "sh", "random", "ladder-all", "sh-full")}
-    total = None
+    by_model = {sp.model: sp for sp in every}
+    pair = args.transfer or ([m for m in table.data["models"] if m in by_model][:2]
+                             if len(by_model) >= 2 else None)
+    if pair and not all(m in by_model for m in pair):
+        raise SystemExit(f"--transfer {' '.join(pair)}: models with complete seeds in the "
+                         f"table are {', '.join(by_model)}")
+    keys = ("ladder", "sh", "random", "ladder-all", "sh-full") + (
+        ("transfer", "transfer-random") if pair else ())
+    stats = {k: {"agree": [], "right": [], "regret": [], "cost": []} for k in keys}
+    large_cost = table.cost_of([by_model[pair[1]]]) if pair else None
     for seed in range(args.seeds):
-        strat = Strategy(eta=args.eta, borrow=True, seed=seed, z=args.z)
+        strat = Strategy(eta=args.eta, borrow=True, seed=seed, z=args.z, epsilon=eps)
         picks, cost, rounds, _ = run_strategy(table, spaces, strat, ladder)
-        plain = Strategy(eta=args.eta, borrow=False, seed=seed)
-        runs = {"ladder": (picks, cost),
-                "sh": run_strategy(table, spaces, plain, breadth_first, cap=cost)[:2],
-                "random": random_search(table, spaces, seed, cost),
-                "ladder-all": run_strategy(table, spaces, Strategy(
-                    eta=args.eta, borrow=True, seed=seed, z=args.z, all_seeds=True),
-                    ladder)[:2],
-                "sh-full": run_strategy(table, spaces, plain, breadth_first)[:2]}
+        plain = Strategy(eta=args.eta, borrow=False, seed=seed, epsilon=eps)
+        runs = {"ladder": (picks, cost, spaces, table.full_cost),
+                "sh": (*run_strategy(table, spaces, plain, breadth_first, cap=cost)[:2],
+                       spaces, table.full_cost),
+                "random": (*random_search(table, spaces, seed, cost), spaces, table.full_cost),
+                "ladder-all": (*run_strategy(table, spaces, Strategy(
+                    eta=args.eta, borrow=True, seed=seed, z=args.z, epsilon=eps,
+                    all_seeds=True), ladder)[:2], spaces, table.full_cost),
+                "sh-full": (*run_strategy(table, spaces, plain, breadth_first)[:2], spaces,
+                            table.full_cost)}
+        if pair:
+            large = [by_model[pair[1]]]
+            priors = transfer_priors(table, by_model[pair[0]], eps)
+            tp, tc = run_strategy(table, large, strat, transfer(priors))[:2]
+            runs["transfer"] = (tp, tc, large, large_cost)
+            runs["transfer-random"] = (*random_search(table, large, seed, tc), large,
+                                       large_cost)
         line = []
-        for k, (p, c) in runs.items():
-            right, total, regret = score_answers(table, spaces, p)
-            stats[k]["right"].append(right / total)
-            stats[k]["regret"].append(regret)
-            stats[k]["cost"].append(c / table.full_cost)
-            line.append(f"{k} {right}/{total} ({c / table.full_cost:.0%})")
+        for k, (p, c, sps, full) in runs.items():
+            sc = score_answers(table, sps, p, eps)
+            stats[k]["agree"].append(sc["agree"] / sc["total"])
+            stats[k]["right"].append(sc["right"] / sc["total"])
+            stats[k]["regret"].append(sc["regret"])
+            stats[k]["cost"].append(c / full)
+            line.append(f"{k} {sc['agree']}/{sc['total']} ({c / full:.0%})")
         print(f"search seed {seed:2d}: " + "; ".join(line))
     print()
+    what = {"ladder": "budgetlab search", "sh": "successive halving, at search's compute",
+            "random": "random cells, at search's compute",
+            "ladder-all": "search, every seed for winners", "sh-full": "successive halving, run out",
+            "transfer": f"search --transfer-from ({pair[0]} -> {pair[1]})" if pair else "",
+            "transfer-random": "random cells of the large model, at transfer's compute"}
     for k, s in stats.items():
-        print(f"{k:10s} right {statistics.fmean(s['right']):.3f} (min {min(s['right']):.3f}) "
-              f"regret {statistics.fmean(s['regret']):.4f} compute "
-              f"{statistics.fmean(s['cost']):.3f} of the full grid")
-    names = {"ladder": "search", "sh": "sh_equal_compute", "random": "random_equal_compute",
-             "ladder-all": "search_all_seeds", "sh-full": "sh_full"}
+        print(f"{k:15s} agreement {statistics.fmean(s['agree']):.3f} (min "
+              f"{min(s['agree']):.3f}) exact best {statistics.fmean(s['right']):.3f} regret "
+              f"{statistics.fmean(s['regret']):.4f} compute {statistics.fmean(s['cost']):.3f} "
+              f"(max {max(s['cost']):.3f}) of the full grid  [{what[k]}]")
+    names = {"ladder": "search", "sh": "halving_equal_compute", "random": "random_equal_compute",
+             "ladder-all": "search_all_seeds", "sh-full": "halving_full",
+             "transfer": "transfer", "transfer-random": "transfer_random_equal_compute"}
     for k, s in stats.items():
-        print(f"RESULT {names[k]}_right_fraction {statistics.fmean(s['right']):.3f}")
-        print(f"RESULT {names[k]}_mean_regret {statistics.fmean(s['regret']):.4f}")
+        if k in ("ladder", "transfer"):
+            continue
+        print(f"RESULT {names[k]}_agreement {statistics.fmean(s['agree']):.3f}")
         print(f"RESULT {names[k]}_compute_fraction {statistics.fmean(s['cost']):.3f}")
     print(f"RESULT search_seeds {args.seeds}")
+    for k in ("ladder", "transfer"):
+        if k in stats:
+            print(f"RESULT {names[k]}_compute_fraction {statistics.fmean(stats[k]['cost']):.3f}")
+            print(f"RESULT {names[k]}_agreement {statistics.fmean(stats[k]['agree']):.3f}")
     return 0
 
 

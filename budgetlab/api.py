@@ -214,28 +214,68 @@ class Lab:
         return build_report(self.ledger(), name, metric=metric, costs=costs)
 
     def recommend(self, grid, budget: float, metric: str | None = None, cost=None,
-                  top: int = 3, sync: bool = False) -> dict:
-        """The best split at `budget` from the measured points, and the next runs worth
-        paying for (the dict of `recommend --json`)."""
+                  top: int = 3, sync: bool = False, epsilon: float = 0.05) -> dict:
+        """The best split at `budget` from the measured points, its epsilon-band with the
+        points it rests on, and the next runs worth paying for (`recommend --json`)."""
         from budgetlab.recommend import recommend
         return recommend(self.report(grid, metric=metric, cost=cost, sync=sync), budget,
-                         top=top)
+                         top=top, epsilon=epsilon)
 
     def search(self, grid, eta: int = 3, borrow: bool = True, z: float = 1.0,
-               all_seeds: bool = False, seed: int | None = None,
+               all_seeds: bool = False, seed: int | None = None, epsilon: float = 0.05,
+               max_gpu_hours: float | None = None, transfer_from=None,
                executor: str = "local", poll: float = 1.0, timeout: float | None = None,
                on_round=None) -> dict:
-        """Find the best split per budget of GRID while measuring only part of it
-        (budgetlab.search: successive halving over (method, SFT share) per budget, seeds
-        as the fidelity, pools and seed noise borrowed from the budgets below). Registers the grid, runs
-        round after round on `executor` and waits for each; the dict of `search --json`.
-        Measured cells are ordinary ledger points: `report` and `recommend` show them."""
+        """Find the best split per budget of GRID, and its epsilon-band (the splits within
+        (1 - epsilon) of the best), while measuring only part of it (budgetlab.search:
+        successive halving over (method, SFT share) per budget, seeds as the fidelity, pools
+        and seed noise borrowed from the budgets below). It stops when every budget's band
+        is separated from the rest given the seed spread, when the finalists have every
+        seed, or at `max_gpu_hours` (GPU-hours, CPU-hours where no GPU was used), and says
+        which. `transfer_from`: a grid of a smaller model, measured in this ledger (fully or
+        by search), whose bands are the prior: GRID gets only the points that confirm them.
+        Registers the grid, runs round after round on `executor` and waits for each; the
+        dict of `search --json`. Measured cells are ordinary ledger points."""
         from budgetlab.search import Strategy, search
         plan = load_plan(grid)
-        strategy = Strategy(eta=eta, borrow=borrow, z=z, all_seeds=all_seeds, seed=seed)
+        strategy = Strategy(eta=eta, borrow=borrow, z=z, all_seeds=all_seeds, seed=seed,
+                            epsilon=epsilon)
         strategy.check()          # bad input before anything is written
+        if max_gpu_hours is not None and not (isinstance(max_gpu_hours, (int, float))
+                                              and max_gpu_hours > 0):
+            raise BadInput(f"--max-gpu-hours: must be a positive number, got {max_gpu_hours!r}")
+        priors, source = None, None
+        if transfer_from is not None:
+            priors, source = self._priors(transfer_from, plan, epsilon)
         return search(self.ledger(create=True), plan, self.workdir, strategy,
-                      executor=executor, poll=poll, timeout=timeout, on_round=on_round)
+                      executor=executor, poll=poll, timeout=timeout, on_round=on_round,
+                      max_hours=max_gpu_hours, priors=priors, transfer_from=source)
+
+    def _priors(self, small, plan, epsilon: float):
+        """The bands of the small model's grid, from what this ledger measured of it."""
+        from budgetlab.report import build_report
+        from budgetlab.search import priors_from
+        where = f"--transfer-from {small}"
+        try:
+            name = grid_name(small)
+        except BadInput as exc:
+            raise BadInput(f"{where}: {exc}") from None
+        if not self.ledger_path.exists() or name not in {g.name for g in self.grids()}:
+            raise BadInput(f"{where}: grid {name!r} is not in the ledger {self.ledger_path}; "
+                           f"measure it first (`budgetlab search {small}` or `run`)")
+        if name == plan.name:
+            raise BadInput(f"{where}: that is the grid being searched; give the small model's")
+        rep = build_report(self.ledger(), name)
+        models = sorted({g["model"] for g in rep.groups if g["score_mean"] is not None})
+        if len(models) != 1:
+            raise BadInput(f"{where}: needs measured cells of exactly one model, found "
+                           f"{len(models)} ({', '.join(models) or 'none'})")
+        tasks = {g["task"] for g in rep.groups if g["score_mean"] is not None}
+        if not tasks & set(plan.spec.tasks):
+            raise BadInput(f"{where}: it measured {', '.join(sorted(tasks))}, none of this "
+                           f"grid's tasks ({', '.join(plan.spec.tasks)})")
+        priors = priors_from(rep.groups, epsilon)
+        return priors, f"{name} ({models[0]})"
 
     # -- the ledger's listings ------------------------------------------------------------
     def grids(self) -> list:

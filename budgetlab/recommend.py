@@ -29,14 +29,31 @@ from budgetlab.report import COMPLETED, Report
 REL_TOL = 1e-9
 
 
-def recommend(rep: Report, budget: float, top: int = 3) -> dict:
-    """{"grid", "metric", "budget", "costs", "answers": [per (task, model)]}."""
+def recommend(rep: Report, budget: float, top: int = 3, epsilon: float = 0.05) -> dict:
+    """{"grid", "metric", "budget", "epsilon", "costs", "answers": [per (task, model)]}.
+    Each answer's "band" is the near-optimal region: the candidates whose mean is within
+    (1 - epsilon) of the best's, each with the measured points it rests on."""
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
         raise BadInput(f"--budget: must be a positive number, got {budget!r}")
+    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and 0 <= epsilon < 1):
+        raise BadInput(f"--epsilon: must be a number in [0, 1), got {epsilon!r}")
     pairs = list(dict.fromkeys((g["task"], g["model"]) for g in rep.groups))
-    return {"grid": rep.grid, "metric": rep.metric, "budget": budget, "unit": rep.unit,
-            "costs": rep.costs, "repriced": rep.repriced,
-            "answers": [_answer(rep, task, model, budget, top) for task, model in pairs]}
+    answers = [_answer(rep, task, model, budget, top) for task, model in pairs]
+    for a in answers:
+        a["band"] = _band(a, epsilon)
+    return {"grid": rep.grid, "metric": rep.metric, "budget": budget, "epsilon": epsilon,
+            "unit": rep.unit, "costs": rep.costs, "repriced": rep.repriced, "answers": answers}
+
+
+def _band(answer: dict, epsilon: float) -> list[dict]:
+    """The ranking cut at (1 - epsilon) of the best mean (epsilon * |best| below a negative
+    best, as budgetlab.search.band_floor)."""
+    from budgetlab.search import band_floor
+    best = answer.get("best")
+    if best is None:
+        return []
+    floor = band_floor(best["score"], epsilon)
+    return [r for r in answer["ranking"] if r["score"] >= floor]
 
 
 def _candidates(rep: Report, task: str, model: str) -> dict[tuple, dict[float, dict]]:
@@ -82,7 +99,7 @@ def _answer(rep: Report, task: str, model: str, budget: float, top: int) -> dict
                   else (1 - w) * g_lo["score_std"] + w * g_hi["score_std"])
             mean = (1 - w) * g_lo["score_mean"] + w * g_hi["score_mean"]
             rows.append(_row(rep, key, budget, mean, sd, min(g_lo["n_seeds"], g_hi["n_seeds"]),
-                             max(g_lo["seeds"], g_hi["seeds"])))
+                             max(g_lo["seeds"], g_hi["seeds"]), _points(g_lo, g_hi)))
         kind, at, rests_on = "interpolated", budget, [lo, hi]
         how = (f"estimate: linear in log(budget) between the measured budgets {lo:g} and "
                f"{hi:g} (weight {w:.2f} on {hi:g}), per candidate; +/- the seed standard "
@@ -116,14 +133,21 @@ def _answer(rep: Report, task: str, model: str, budget: float, top: int) -> dict
 
 
 def _measured_row(rep, key, g) -> dict:
-    return _row(rep, key, g["budget"], g["score_mean"], g["score_std"], g["n_seeds"], g["seeds"])
+    return _row(rep, key, g["budget"], g["score_mean"], g["score_std"], g["n_seeds"], g["seeds"],
+                _points(g))
 
 
-def _row(rep, key, budget, score, sd, n_seeds, seeds) -> dict:
+def _points(*groups) -> list[dict]:
+    """The measured points a row rests on: budget, seed, point id, score."""
+    return [{"budget": g["budget"], **p} for g in groups for p in g.get("points", [])]
+
+
+def _row(rep, key, budget, score, sd, n_seeds, seeds, points=()) -> dict:
     method, frac = key
     n_sft, n_pft = allocate(budget, frac, rep.costs["sft"], rep.costs["pair"])
     return {"method": method, "sft_fraction": frac, "n_sft": n_sft, "n_pft": n_pft,
-            "score": score, "sd": sd, "n_seeds": n_seeds, "seeds": seeds}
+            "score": score, "sd": sd, "n_seeds": n_seeds, "seeds": seeds,
+            "points": list(points)}
 
 
 def _overlaps(r: dict, best: dict, typical: float | None) -> bool:

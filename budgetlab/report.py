@@ -187,6 +187,9 @@ def _groups(cells: list[dict]) -> list[dict]:
             # Sample standard deviation over seeds; undefined for a single seed.
             "score_std": statistics.stdev(scores) if len(scores) > 1 else None,
             "n_seeds": len(scores), "seeds": len(cs), "states": dict(states),
+            # the measured points the mean rests on (recommend's band shows them)
+            "points": [{"seed": c["seed"], "point_id": c["point_id"], "score": c["score"]}
+                       for c in cs if c["status"] == COMPLETED],
             "annotation_cost": statistics.fmean(c["annotation_cost"] for c in cs),
             "gpu_hours": sum(c["gpu_hours"] for c in cs),
             "cpu_hours": sum(c["cpu_hours"] for c in cs),

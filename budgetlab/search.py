@@ -63,8 +63,9 @@ class Strategy:
     eta: int = 3               # keep the best 1/eta of a rung; eta times the seeds next rung
     borrow: bool = True        # the budget below prunes a budget's pool (False: plain halving)
     seed: int | None = None    # shuffles the order of the grid's seeds (None: grid order)
-    z: float = 1.0             # band half-width in seed sds (1: recommend's contenders band)
+    z: float = 1.0             # seed-noise half-width in seed sds (1: recommend's contenders)
     all_seeds: bool = False    # measure the winner with every seed even when it is clear
+    epsilon: float = 0.05      # the near-optimal band: within (1 - epsilon) of the best
 
     def check(self) -> None:
         if not isinstance(self.eta, int) or isinstance(self.eta, bool) or self.eta < 2:
@@ -72,12 +73,21 @@ class Strategy:
         if not (isinstance(self.z, (int, float)) and not isinstance(self.z, bool)
                 and math.isfinite(self.z) and self.z >= 0):
             raise BadInput(f"--z: must be a number >= 0, got {self.z!r}")
+        if not (isinstance(self.epsilon, (int, float)) and not isinstance(self.epsilon, bool)
+                and math.isfinite(self.epsilon) and 0 <= self.epsilon < 1):
+            raise BadInput(f"--epsilon: must be a number in [0, 1), got {self.epsilon!r}")
 
     def describe(self) -> dict:
         return {"name": "ladder" if self.borrow else "successive-halving", "eta": self.eta,
                 "borrow": self.borrow, "z": self.z if self.borrow else None,
                 "all_seeds": self.all_seeds or not self.borrow, "seed": self.seed,
-                "fidelity": "seeds", "budgets": "ascending"}
+                "epsilon": self.epsilon, "fidelity": "seeds", "budgets": "ascending"}
+
+
+def band_floor(best: float, epsilon: float) -> float:
+    """The lowest score within (1 - epsilon) of `best`; for a negative best (a reward
+    score) epsilon * |best| below it."""
+    return best - epsilon * abs(best)
 
 
 @dataclass
@@ -154,11 +164,12 @@ def _sd(obs, space, budget, cand, pooled) -> float | None:
     return statistics.stdev(vals) if len(vals) > 1 else pooled
 
 
-def _close_to_leader(space, obs, budget, ranked, z) -> list:
-    """`ranked` (best first) cut to the leader and the candidates the seed noise cannot tell
-    from it: mean + z*sd reaches the leader's mean - z*sd, each with its own seed sd, or the
-    pooled one (pooled_sd) while it has a single seed. With z = 1 this is `recommend`'s band
-    (its "contenders"). All of them while no seed spread is known yet."""
+def _close_to_leader(space, obs, budget, ranked, z, epsilon=0.0) -> list:
+    """`ranked` (best first) cut to the leader and the candidates that the seed noise says
+    could push the leader out of their epsilon-band: (mean + z*sd) less epsilon of itself
+    reaches the leader's mean - z*sd, each with its own seed sd, or the pooled one
+    (pooled_sd) while it has a single seed. With epsilon 0 and z = 1 this is `recommend`'s
+    "contenders". All of them while no seed spread is known yet."""
     pooled = pooled_sd(obs, space)
     if pooled is None or not ranked:
         return ranked
@@ -166,9 +177,33 @@ def _close_to_leader(space, obs, budget, ranked, z) -> list:
     if lead is None:
         return ranked
     lo = lead - z * _sd(obs, space, budget, ranked[0], pooled)
-    return [ranked[0]] + [c for c in ranked[1:] if obs.mean(space, budget, c) is not None
-                          and obs.mean(space, budget, c) + z * _sd(obs, space, budget, c,
-                                                                   pooled) >= lo]
+    out = [ranked[0]]
+    for c in ranked[1:]:
+        m = obs.mean(space, budget, c)
+        if m is not None and band_floor(m + z * _sd(obs, space, budget, c, pooled),
+                                        epsilon) >= lo:
+            out.append(c)
+    return out
+
+
+def separated(space, obs, budget, leader, z, epsilon) -> bool:
+    """The budget is decided: a seed spread is known and no candidate measured at this
+    budget could, within z seed sds, score more than epsilon above the leader."""
+    if pooled_sd(obs, space) is None or obs.mean(space, budget, leader) is None:
+        return False
+    rest = [c for c in space.candidates if c != leader and obs.mean(space, budget, c) is not None]
+    return _close_to_leader(space, obs, budget, [leader] + rest, z, epsilon) == [leader]
+
+
+def band(space, obs, budget, leader, epsilon) -> list:
+    """The measured candidates within (1 - epsilon) of the leader's mean, best first."""
+    lead = obs.mean(space, budget, leader)
+    if lead is None:
+        return []
+    floor = band_floor(lead, epsilon)
+    got = [c for c in space.candidates if obs.mean(space, budget, c) is not None
+           and obs.mean(space, budget, c) >= floor]
+    return sorted(got, key=lambda c: (c != leader, -obs.mean(space, budget, c), -c[1]))
 
 
 def _neighbours(space: Space, cand) -> list:
@@ -210,7 +245,8 @@ def ladder(space: Space, obs: Observations, strategy: Strategy):
             if not strategy.borrow:
                 alive = ranked[:math.ceil(len(alive) / eta)]
             else:
-                close = _close_to_leader(space, obs, budget, ranked, strategy.z)
+                close = _close_to_leader(space, obs, budget, ranked, strategy.z,
+                                         strategy.epsilon)
                 if len(close) == 1 and pooled_sd(obs, space) is not None \
                         and not strategy.all_seeds:
                     alive = close
@@ -222,10 +258,84 @@ def ladder(space: Space, obs: Observations, strategy: Strategy):
                    if s not in obs.of(space, budget, c)]
             rungs.append({"seeds": fid, "candidates": alive})
         alive = _rank(space, obs, budget, alive, rng)
-        answers[budget] = {"pool": pool, "rungs": rungs, "finalists": alive, "best": alive[0]}
+        answers[budget] = {"pool": pool, "rungs": rungs, "finalists": alive, "best": alive[0],
+                           "separated": separated(space, obs, budget, alive[0], strategy.z,
+                                                  strategy.epsilon)}
         # What the next budget borrows: the finalists in order, then the rest by rung 0.
         prev = {"rung0": alive + [c for c in rung0 if c not in alive]}
     return answers
+
+
+def confirmation_points(candidates: list, prior: dict) -> list:
+    """What tests a prior band at one budget: its best, and the strongest candidate outside it
+    (the next in the prior's ranking; the band's second where the band holds everything)."""
+    ranking = [c for c in prior["ranking"] if c in candidates]
+    if not ranking:
+        return []
+    outside = [c for c in ranking if c not in prior["band"]]
+    return [ranking[0]] + (outside[:1] or ranking[1:2])
+
+
+def transfer(priors: dict):
+    """A driver for run_search: the search of a large model that a small model's bands guide.
+    priors: {(task, budget): {"band": [candidates], "ranking": [candidates, best first]}}.
+    Round 1 measures the confirmation points of every budget with one seed. A budget is
+    confirmed when the prior's best scores within (1 - epsilon) of the best confirmation
+    point; its answer is the better of the two. A budget not confirmed, or one the prior does
+    not cover, is searched by the ladder from what is measured."""
+    import dataclasses
+
+    def driver(space: Space, obs: Observations, strategy: Strategy):
+        seed0 = list(space.seeds)
+        if strategy.seed is not None:
+            random.Random(strategy.seed).shuffle(seed0)
+        points = {b: confirmation_points(space.candidates, priors[(space.task, b)])
+                  for b in space.budgets if (space.task, b) in priors}
+        points = {b: p for b, p in points.items() if p}
+        yield [space.request(b, c, seed0[0]) for b, p in points.items() for c in p]
+        answers, search = {}, []
+        for b in space.budgets:
+            if b not in points:
+                search.append(b)
+                continue
+            ranked = _rank(space, obs, b, points[b], None)
+            lead, mine = obs.mean(space, b, ranked[0]), obs.mean(space, b, points[b][0])
+            ok = lead is not None and mine is not None and mine >= band_floor(lead,
+                                                                              strategy.epsilon)
+            if not ok:
+                search.append(b)
+                continue
+            answers[b] = {"pool": points[b], "finalists": ranked, "best": ranked[0],
+                          "separated": separated(space, obs, b, ranked[0], strategy.z,
+                                                 strategy.epsilon),
+                          "prior": points[b][0], "confirmed": True,
+                          "confirmation_points": len(points[b])}
+        if search:
+            rest = yield from ladder(dataclasses.replace(space, budgets=search), obs, strategy)
+            for b, a in rest.items():
+                answers[b] = {**a, "prior": points[b][0] if b in points else None,
+                              "confirmed": False if b in points else None,
+                              "confirmation_points": len(points.get(b, []))}
+        return {b: answers[b] for b in space.budgets}
+    return driver
+
+
+def priors_from(rows: list[dict], epsilon: float) -> dict:
+    """Bands of a measured grid as transfer priors: rows are report groups (task, budget,
+    method, sft_fraction, score_mean), SFT only merged into one candidate."""
+    by: dict = {}
+    for g in rows:
+        if g["score_mean"] is None:
+            continue
+        cand = (SFT_ONLY, 1.0) if g["sft_fraction"] == 1.0 else (g["method"], g["sft_fraction"])
+        by.setdefault((g["task"], float(g["budget"])), {})[cand] = g["score_mean"]
+    out = {}
+    for key, means in by.items():
+        ranking = sorted(means, key=lambda c: (-means[c], -c[1]))
+        floor = band_floor(means[ranking[0]], epsilon)
+        out[key] = {"ranking": ranking, "band": [c for c in ranking if means[c] >= floor],
+                    "means": means}
+    return out
 
 
 def breadth_first(space: Space, obs: Observations, strategy: Strategy):
@@ -247,8 +357,12 @@ def breadth_first(space: Space, obs: Observations, strategy: Strategy):
         fid = min(len(seeds), fid * eta)
         yield [space.request(b, c, s) for b in space.budgets for c in alive[b]
                for s in seeds[:fid] if s not in obs.of(space, b, c)]
-    return {b: {"pool": list(space.candidates), "finalists": alive[b],
-                "best": _rank(space, obs, b, alive[b], rng)[0]} for b in space.budgets}
+    out = {}
+    for b in space.budgets:
+        best = _rank(space, obs, b, alive[b], rng)[0]
+        out[b] = {"pool": list(space.candidates), "finalists": alive[b], "best": best,
+                  "separated": separated(space, obs, b, best, strategy.z, strategy.epsilon)}
+    return out
 
 
 def run_search(spaces: list[Space], measure, strategy: Strategy, driver=ladder,
@@ -289,44 +403,104 @@ def run_search(spaces: list[Space], measure, strategy: Strategy, driver=ladder,
     return results, obs, rounds
 
 
-def answer_rows(spaces: list[Space], results: dict, obs: Observations, plan=None) -> list[dict]:
-    """One row per (task, model, budget): the split found, its mean and spread over the seeds
-    measured, and what the search compared it with."""
+def _entry(sp: Space, obs: Observations, b, cand, costs) -> dict:
     from budgetlab.alloc import allocate
 
+    method, share = cand
+    vals = [v for v in obs.of(sp, b, cand).values() if v is not None]
+    n_sft, n_pft = (allocate(b, share, costs["sft_example"], costs["preference_pair"])
+                    if costs else (None, None))
+    return {"method": method, "sft_fraction": share, "n_sft": n_sft, "n_pft": n_pft,
+            "score_mean": statistics.fmean(vals) if vals else None,
+            "score_std": statistics.stdev(vals) if len(vals) > 1 else None,
+            "n_seeds": len(vals)}
+
+
+def answer_rows(spaces: list[Space], results: dict, obs: Observations, strategy: Strategy,
+                plan=None, capped: bool = False) -> list[dict]:
+    """One answer per (task, model, budget): the best split found and its epsilon-band (the
+    measured candidates within (1 - epsilon) of it), each with mean, spread and seeds
+    measured; whether the band is separated from the rest given the seed spread."""
     costs = plan.spec.costs if plan is not None else {}
     rows = []
     for sp in spaces:
         for b in sp.budgets:
             a = results[(sp.task, sp.model)][b]
-            method, share = a["best"]
-            vals = [v for v in obs.of(sp, b, a["best"]).values() if v is not None]
-            n_sft, n_pft = (allocate(b, share, costs["sft_example"], costs["preference_pair"])
-                            if costs else (None, None))
-            rows.append({
-                "task": sp.task, "model": sp.model, "budget": b, "method": method,
-                "sft_fraction": share, "n_sft": n_sft, "n_pft": n_pft,
-                "score_mean": statistics.fmean(vals) if vals else None,
-                "score_std": statistics.stdev(vals) if len(vals) > 1 else None,
-                "n_seeds": len(vals),
-                "candidates_measured": len([c for c in sp.candidates
-                                            if obs.of(sp, b, c)]),
-                "candidates": len(sp.candidates),
-                "finalists": [{"method": m, "sft_fraction": f,
-                               "score_mean": obs.mean(sp, b, (m, f)),
-                               "n_seeds": len([v for v in obs.of(sp, b, (m, f)).values()
-                                               if v is not None])}
-                              for m, f in a["finalists"]],
-            })
+            best = _entry(sp, obs, b, a["best"], costs)
+            row = {"task": sp.task, "model": sp.model, "budget": b,
+                   "band": [_entry(sp, obs, b, c, costs)
+                            for c in band(sp, obs, b, a["best"], strategy.epsilon)],
+                   "best": best,
+                   "stopped": ("separated" if a["separated"] else
+                               "compute cap" if capped and best["n_seeds"] < len(sp.seeds)
+                               else "seeds exhausted"),
+                   "candidates_measured": len([c for c in sp.candidates if obs.of(sp, b, c)]),
+                   "candidates": len(sp.candidates),
+                   "finalists": [_entry(sp, obs, b, c, costs) for c in a["finalists"]]}
+            if "confirmed" in a:
+                row["transfer"] = {"prior": (None if a["prior"] is None else
+                                             {"method": a["prior"][0],
+                                              "sft_fraction": a["prior"][1]}),
+                                   "confirmation_points": a["confirmation_points"],
+                                   "confirmed": a["confirmed"]}
+            rows.append(row)
     return rows
+
+
+def stopped_because(rows: list[dict], capped: bool, cap: float | None, unit: str) -> str:
+    """The search's reason to stop, in one line."""
+    open_ = [r for r in rows if r["stopped"] != "separated"]
+    if capped:
+        return (f"compute cap: {cap:g} {unit.replace('_', '-')} reached; "
+                f"{len(open_)} of {len(rows)} budget(s) not separated")
+    if not open_:
+        return f"separated: every budget's band is separated from the rest ({len(rows)})"
+    return (f"seeds exhausted: {len(open_)} of {len(rows)} budget(s) not separated after "
+            f"every seed of their finalists (the seed spread is wider than the band)")
+
+
+def full_grid_compute(plan, measured: dict, unit: str) -> tuple[float, str]:
+    """The whole grid's compute: measured where a stage ran, else estimated from the rate
+    of the measured stages of the same kind and model (per example for training, per stage
+    for evals). Returns (hours, how)."""
+    rates: dict = {}
+    for sid, hours in measured.items():
+        st = plan.stages.get(sid)
+        if st is None or hours is None:
+            continue
+        work = 1.0 if st.kind == "eval" else float(st.n or 1)
+        r = rates.setdefault((st.kind, st.model), [0.0, 0.0])
+        r[0] += hours
+        r[1] += work
+    grid = {s for c in plan.cells for s in plan.points[c.point_id].chain if s}
+    total, guessed, unknown = 0.0, 0, 0
+    for sid in grid:
+        if measured.get(sid) is not None:
+            total += measured[sid]
+            continue
+        st = plan.stages[sid]
+        r = rates.get((st.kind, st.model))
+        if not r or not r[1]:
+            unknown += 1
+            continue
+        total += r[0] / r[1] * (1.0 if st.kind == "eval" else float(st.n or 1))
+        guessed += 1
+    how = (f"{len(grid) - guessed - unknown} stage(s) measured, {guessed} estimated from the "
+           f"measured rate of their kind and model" +
+           (f", {unknown} of a kind not measured yet left out" if unknown else ""))
+    return total, how
 
 
 # -- on a ledger: each round submits its cells' stages and waits for them --------------------
 def search(led, plan, workdir, strategy: Strategy, executor: str = "local", poll: float = 1.0,
-           timeout: float | None = None, on_round=None) -> dict:
+           timeout: float | None = None, on_round=None, max_hours: float | None = None,
+           priors: dict | None = None, transfer_from: str | None = None) -> dict:
     """Register the plan's grid, then search it: every round submits the stages of its cells'
     points (budgetlab.orchestrate.submit_stages; complete ones are reused), waits for them,
-    and reads the scores from the ledger (budgetlab.report). The dict of `search --json`."""
+    and reads the scores from the ledger (budgetlab.report). Before each round the compute
+    used so far is checked against `max_hours` (GPU-hours, or CPU-hours where no GPU was
+    used): once reached, nothing more is submitted. `priors` (priors_from) make it a transfer
+    search. The dict of `search --json`."""
     import time
     from pathlib import Path
 
@@ -346,8 +520,22 @@ def search(led, plan, workdir, strategy: Strategy, executor: str = "local", poll
     used: dict[str, None] = {}
     start = time.time()
     log = []
+    capped = []
+
+    def hours(ids):
+        comp = led.compute(list(ids))
+        gpu = {s: (comp.get(s) or {}).get("gpu_hours") or 0.0 for s in ids}
+        cpu = {s: (comp.get(s) or {}).get("cpu_hours") for s in ids}
+        return gpu, cpu
+
+    def used_compute():
+        gpu, cpu = hours(used)
+        return sum(gpu.values()) if any(gpu.values()) else sum(v or 0.0 for v in cpu.values())
 
     def measure(reqs):
+        if max_hours is not None and used and used_compute() >= max_hours:
+            capped.append(True)
+            return {}
         ids = []
         for r in reqs:
             p = plan.points[cell_of[(r.task, r.model, r.budget, r.sft_fraction, r.method,
@@ -376,19 +564,38 @@ def search(led, plan, workdir, strategy: Strategy, executor: str = "local", poll
         return got
 
     spaces = spaces_of(plan)
-    results, obs, rounds = run_search(spaces, measure, strategy)
+    driver = ladder if priors is None else transfer(priors)
+    results, obs, rounds = run_search(spaces, measure, strategy, driver=driver)
     rep = build_report(led, plan.name)
     grid_stages = {s for c in plan.cells for s in plan.points[c.point_id].chain if s}
-    compute = led.compute(list(used))
-    return {
-        "grid": plan.name, "metric": rep.metric, "strategy": strategy.describe(),
-        "best": answer_rows(spaces, results, obs, plan),
+    gpu, cpu = hours(grid_stages)
+    unit = "gpu_hours" if any(gpu[s] for s in used) else "cpu_hours"
+    measured = gpu if unit == "gpu_hours" else cpu
+    full, how = full_grid_compute(plan, {s: v for s, v in measured.items()
+                                         if s in used or v}, unit)
+    answers = answer_rows(spaces, results, obs, strategy, plan, capped=bool(capped))
+    out = {
+        "grid": plan.name, "epsilon": strategy.epsilon, "metric": rep.metric,
+        "compute_unit": unit, "compute_used": sum(measured[s] or 0.0 for s in used),
+        "compute_full_grid": full, "compute_full_grid_how": how,
+        "stopped": stopped_because(answers, bool(capped), max_hours, unit),
+        "answers": answers, "strategy": strategy.describe(),
         "cells_measured": sum(1 for v in obs.scores.values() for _ in v),
         "cells_grid": len(plan.cells),
         "stages_used": len(used), "stages_grid": len(grid_stages),
         "stage_fraction": len(used) / len(grid_stages) if grid_stages else 0.0,
         "stages_reused": len(set(used) & before),
-        "gpu_hours": sum((compute.get(s) or {}).get("gpu_hours") or 0.0 for s in used),
-        "cpu_hours": sum((compute.get(s) or {}).get("cpu_hours") or 0.0 for s in used),
+        "gpu_hours": sum(gpu[s] for s in used),
+        "cpu_hours": sum(cpu[s] or 0.0 for s in used),
         "rounds": log,
     }
+    if priors is not None:
+        tr = [a["transfer"] for a in answers if "transfer" in a]
+        out["transfer"] = {
+            "from": transfer_from, "budgets": len(tr),
+            "confirmation_points": sum(t["confirmation_points"] for t in tr),
+            "confirmed": sum(t["confirmed"] is True for t in tr),
+            "not_confirmed": sum(t["confirmed"] is False for t in tr),
+            "without_prior": sum(t["confirmed"] is None for t in tr),
+            "cells_measured": out["cells_measured"]}
+    return out

@@ -58,14 +58,17 @@ def report(state, grid, metric, cost, csv_path, plot_path, do_sync, as_json):
 @click.option("--budget", type=float, required=True, help="The annotation budget to advise on.")
 @metric_option
 @cost_option
+@click.option("--epsilon", default=0.05, show_default=True, type=float,
+              help="The band: candidates within (1 - epsilon) of the best mean.")
 @click.option("--top", default=3, show_default=True, type=click.IntRange(1, 20),
               help="How many next runs to suggest.")
 @sync_option
 @json_option
 @pass_state
-def recommend(state, grid, budget, metric, cost, top, do_sync, as_json):
+def recommend(state, grid, budget, metric, cost, epsilon, top, do_sync, as_json):
     """The best split at a budget from the measured points, and the next runs worth paying for."""
-    rec = state.lab().recommend(grid, budget, metric=metric, cost=cost, top=top, sync=do_sync)
+    rec = state.lab().recommend(grid, budget, metric=metric, cost=cost, top=top, sync=do_sync,
+                                epsilon=epsilon)
     for a in rec["answers"]:
         if a["warning"]:
             click.echo(f"budgetlab: warning: {a['warning']}", err=True)
@@ -343,6 +346,12 @@ def print_recommendation(rec: dict) -> None:
             con.print(f"[yellow]compared {len(a['ranking'])} of "
                       f"{len(a['ranking']) + len(a['unmeasured'])} candidates;[/] not measured "
                       f"here: {', '.join(a['unmeasured'])} (any of them could be better)")
+        con.print(f"band (within {rec['epsilon']:.0%} of the best, the points it rests on):")
+        for r in a["band"]:
+            pts = ", ".join(f"seed {p['seed']}"
+                            + (f" @{p['budget']:g}" if p["budget"] != a["at_budget"] else "")
+                            + f" {p['score']:.3f} [{p['point_id']}]" for p in r["points"])
+            con.print(f"  {_split(r)}  {_pm(r)}: {pts or 'no measured point'}")
         if a["contenders"]:
             con.print("not separable from it by the seed spread: "
                       + "; ".join(f"{_split(r)} {_pm(r)}" for r in a["contenders"]))

@@ -84,11 +84,11 @@ def test_search_finds_the_full_grids_best_split_with_fewer_stages(cli, tmp_path)
     rep = lab.report("online")
     assert all(c["status"] == "COMPLETED" for c in rep.cells)
     full = best_of_full_grid(rep)
-    found = {b["budget"]: b["sft_fraction"] for b in out["best"]}
+    found = {a["budget"]: a["best"]["sft_fraction"] for a in out["answers"]}
     assert found == full, (found, full, search_s)
-    for b in out["best"]:              # the search's score is the grid's own measurement
-        g = [x for x in rep.groups if x["budget"] == b["budget"]
-             and x["sft_fraction"] == b["sft_fraction"]][0]
-        assert b["score_mean"] == pytest.approx(g["score_mean"])
+    for a in out["answers"]:           # the search's score is the grid's own measurement
+        g = [x for x in rep.groups if x["budget"] == a["budget"]
+             and x["sft_fraction"] == a["best"]["sft_fraction"]][0]
+        assert a["best"]["score_mean"] == pytest.approx(g["score_mean"])
     print(f"search {search_s:.1f}s, {out['stages_used']}/{out['stages_grid']} stages, "
           f"rounds {out['rounds']}, whole test {time.time() - t0:.1f}s")

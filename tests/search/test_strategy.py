@@ -70,16 +70,69 @@ def test_all_seeds_measures_every_winner_with_every_seed():
 
 def test_a_close_runner_up_gets_more_seeds_and_a_clear_one_does_not():
     """Seed noise 0.01 is learnt at the first budget; at 512 the runner-up is 0.005 behind
-    (within the noise: measured again) in one surface, 0.2 behind (clear) in the other."""
+    (within the noise: measured again) in one surface, 0.2 behind (clear) in the other.
+    With epsilon 0 every candidate the noise cannot order counts; with epsilon 0.05 a
+    runner-up 0.005 behind the leader's 0.8 cannot push the leader out of its band (0.04
+    wide, far beyond the noise), so it is not measured again: the budget is separated."""
     def surface(gap):
         def f(budget, share, seed):
             if budget == 512.0:
                 return {0.25: 0.8, 0.5: 0.8 - gap}.get(share, 0.1) + 0.01 * (seed - 1)
             return moving_peak(budget, share, seed)
         return f
-    for gap, measured in ((0.005, [0, 1, 2]), (0.2, [0])):
-        _, obs, _ = run_search([space()], measure_with(surface(gap), []), Strategy())
-        assert sorted(obs.of(space(), 512.0, ("dpo", 0.5))) == measured, gap
+    for eps, gap, measured, sep in ((0.0, 0.005, [0, 1, 2], False), (0.0, 0.2, [0], True),
+                                    (0.05, 0.005, [0], True), (0.05, 0.2, [0], True)):
+        res, obs, _ = run_search([space()], measure_with(surface(gap), []),
+                                 Strategy(epsilon=eps))
+        assert sorted(obs.of(space(), 512.0, ("dpo", 0.5))) == measured, (eps, gap)
+        assert res[("arith", "m")][512.0]["separated"] is sep, (eps, gap)
+
+
+def test_band_floor_and_band():
+    """(1 - epsilon) of the best for a positive score, epsilon * |best| below a negative one
+    (reward-model scores); the band lists the measured candidates above the floor."""
+    from budgetlab.search import Observations, band, band_floor
+    assert band_floor(0.8, 0.05) == pytest.approx(0.76)
+    assert band_floor(-2.0, 0.05) == pytest.approx(-2.1)
+    sp, obs = space(seeds=(0,)), Observations()
+    for share, v in ((1.0, 0.5), (0.5, 0.8), (0.25, 0.77), (0.1, 0.75)):
+        c = (SFT_ONLY, 1.0) if share == 1.0 else ("dpo", share)
+        obs.add(sp, sp.request(64.0, c, 0), v)
+    assert band(sp, obs, 64.0, ("dpo", 0.5), 0.05) == [("dpo", 0.5), ("dpo", 0.25)]
+    assert band(sp, obs, 64.0, ("dpo", 0.5), 0.0) == [("dpo", 0.5)]
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.0, float("nan"), True])
+def test_bad_epsilon_is_bad_input(eps):
+    with pytest.raises(BadInput, match="--epsilon"):
+        Strategy(epsilon=eps).check()
+
+
+def test_transfer_confirms_a_band_that_holds_and_searches_one_that_moved():
+    """The prior (a small model's bands) ranks the candidates as moving_peak does at every
+    budget but 512, where it says SFT only, then dpo 0.5. Where it holds, the two
+    confirmation points per budget (its best and its strongest challenger) are all that is
+    measured; at 512 the challenger beats the prior's best by more than epsilon, and the
+    ladder searches that budget and finds the true best, dpo 0.25."""
+    from budgetlab.search import transfer
+    sp = space()
+
+    def ranking(b):
+        return sorted(sp.candidates, key=lambda c: -sum(moving_peak(b, c[1], s) for s in sp.seeds))
+    prior = {("arith", b): {"ranking": ranking(b), "band": ranking(b)[:1]} for b in BUDGETS}
+    prior[("arith", 512.0)] = {"ranking": [(SFT_ONLY, 1.0), ("dpo", 0.5), ("dpo", 0.25),
+                                           ("dpo", 0.1), ("dpo", 0.0)], "band": [(SFT_ONLY, 1.0)]}
+    log = []
+    res, obs, _ = run_search([sp], measure_with(moving_peak, log), Strategy(),
+                             driver=transfer(prior))
+    ans = res[("arith", "m")]
+    assert len(log[0]) == 2 * len(BUDGETS)           # the confirmation round, one seed each
+    assert {b for b, a in ans.items() if a["confirmed"]} == set(BUDGETS) - {512.0}
+    assert ans[512.0]["confirmed"] is False
+    assert {b: a["best"] for b, a in ans.items()} == truth(sp, moving_peak)
+    for b in BUDGETS[:-1]:                            # confirmed: nothing else measured
+        assert len([c for c in sp.candidates if obs.of(sp, b, c)]) == 2
+    assert len([c for c in sp.candidates if obs.of(sp, 512.0, c)]) == len(sp.candidates)
 
 
 def test_borrowing_measures_fewer_cells_than_plain_halving():

@@ -173,13 +173,24 @@ def random_search(table, spaces, seed, cap):
 
 
 def transfer_priors(table: Table, small: Space, epsilon: float) -> dict:
-    """The small model's bands measured in full: the prior of a transfer search."""
+    """The small model's bands measured in full: the prior of a transfer search, with its
+    seed sd pooled over every cell (as budgetlab.search.priors_from does from a report)."""
+    ss, dof = 0.0, 0
+    for b in small.budgets:
+        for c in small.candidates:
+            method = small.methods[0] if c[0] == SFT_ONLY else c[0]
+            vals = [table.cells[(small.task, small.model, b, method, c[1], s)]["score"]
+                    for s in small.seeds]
+            if len(vals) > 1:
+                ss += statistics.variance(vals) * (len(vals) - 1)
+                dof += len(vals) - 1
+    sd = (ss / dof) ** 0.5 if dof else None
     out = {}
     for b in small.budgets:
         truths = {c: table.truth(small, b, c) for c in small.candidates}
         ranking = sorted(truths, key=lambda c: (-truths[c], -c[1]))
         floor = band_floor(truths[ranking[0]], epsilon)
-        out[(small.task, b)] = {"ranking": ranking,
+        out[(small.task, b)] = {"ranking": ranking, "sd": sd,
                                 "band": [c for c in ranking if truths[c] >= floor]}
     return out
 
@@ -190,7 +201,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=24, help="search seeds (>= 20)")
     ap.add_argument("--eta", type=int, default=3)
     ap.add_argument("--models", nargs="*", help="replay only these models (default: all)")
-    ap.add_argument("--z", type=float, default=1.0, help="the search's noise width (Strategy.z)")
+    ap.add_argument("--z", type=float, default=Strategy.z, help="the search's noise width (Strategy.z)")
     ap.add_argument("--epsilon", type=float, default=0.05, help="the near-optimal band")
     ap.add_argument("--transfer", nargs=2, metavar=("SMALL", "LARGE"),
                     help="models of the transfer replay (default: the table's first two)")
@@ -272,11 +283,11 @@ def main() -> int:
         if k in ("ladder", "transfer"):
             continue
         print(f"RESULT {names[k]}_agreement {statistics.fmean(s['agree']):.3f}")
-        print(f"RESULT {names[k]}_compute_fraction {statistics.fmean(s['cost']):.3f}")
+        print(f"RESULT {names[k]}_compute_fraction {statistics.fmean(s['cost']):.4f}")
     print(f"RESULT search_seeds {args.seeds}")
     for k in ("ladder", "transfer"):
         if k in stats:
-            print(f"RESULT {names[k]}_compute_fraction {statistics.fmean(stats[k]['cost']):.3f}")
+            print(f"RESULT {names[k]}_compute_fraction {statistics.fmean(stats[k]['cost']):.4f}")
             print(f"RESULT {names[k]}_agreement {statistics.fmean(stats[k]['agree']):.3f}")
     return 0
 

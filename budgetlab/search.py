@@ -63,7 +63,7 @@ class Strategy:
     eta: int = 3               # keep the best 1/eta of a rung; eta times the seeds next rung
     borrow: bool = True        # the budget below prunes a budget's pool (False: plain halving)
     seed: int | None = None    # shuffles the order of the grid's seeds (None: grid order)
-    z: float = 1.0             # seed-noise half-width in seed sds (1: recommend's contenders)
+    z: float = 0.5             # seed-noise half-width in seed sds (chosen on the toy replay)
     all_seeds: bool = False    # measure the winner with every seed even when it is clear
     epsilon: float = 0.05      # the near-optimal band: within (1 - epsilon) of the best
 
@@ -279,42 +279,77 @@ def confirmation_points(candidates: list, prior: dict) -> list:
 def transfer(priors: dict):
     """A driver for run_search: the search of a large model that a small model's bands guide.
     priors: {(task, budget): {"band": [candidates], "ranking": [candidates, best first]}}.
-    Round 1 measures the confirmation points of every budget with one seed. A budget is
-    confirmed when the prior's best scores within (1 - epsilon) of the best confirmation
-    point; its answer is the better of the two. A budget not confirmed, or one the prior does
-    not cover, is searched by the ladder from what is measured."""
+
+    "sd" (optional): the small model's seed sd, the noise the confirmation allows for.
+    Round 1 measures, with one seed, the confirmation points (confirmation_points) of the
+    first and last budget the prior covers, and of every budget where the prior's best or
+    its challenger differs from a neighbouring budget's; a budget in between whose prior is
+    the same as both neighbours' gets only the prior's best. A budget is confirmed when the
+    prior's best scores within (1 - epsilon) of the best of its confirmation points; one
+    with the prior's best alone is confirmed by the nearest budgets with both points, below
+    and above it, when both are. Where a
+    neighbour is not, round 2 measures its challenger too. Its answer is the best measured
+    point. "Within" allows for the seed noise: the prior's best stands while its score + z*sd
+    reaches the band floor of the lead's score - z*sd. A budget not
+    confirmed, or not covered by the prior, is searched by the ladder from what is measured."""
     import dataclasses
 
     def driver(space: Space, obs: Observations, strategy: Strategy):
         seed0 = list(space.seeds)
         if strategy.seed is not None:
             random.Random(strategy.seed).shuffle(seed0)
-        points = {b: confirmation_points(space.candidates, priors[(space.task, b)])
-                  for b in space.budgets if (space.task, b) in priors}
-        points = {b: p for b, p in points.items() if p}
+        full = {b: confirmation_points(space.candidates, priors[(space.task, b)])
+                for b in space.budgets if (space.task, b) in priors}
+        full = {b: p for b, p in full.items() if p}
+        covered = [b for b in space.budgets if b in full]
+        points = dict(full)
+        for i in range(1, len(covered) - 1):   # the same prior on both sides: its best only
+            b = covered[i]
+            if full[covered[i - 1]] == full[b] == full[covered[i + 1]]:
+                points[b] = full[b][:1]
         yield [space.request(b, c, seed0[0]) for b, p in points.items() for c in p]
-        answers, search = {}, []
-        for b in space.budgets:
-            if b not in points:
-                search.append(b)
-                continue
+
+        def confirmed(b) -> bool:
+            # The prior's best stands unless the lead beats it by more than epsilon beyond
+            # the seed noise (the small model's pooled seed sd: one seed each gives none).
             ranked = _rank(space, obs, b, points[b], None)
             lead, mine = obs.mean(space, b, ranked[0]), obs.mean(space, b, points[b][0])
-            ok = lead is not None and mine is not None and mine >= band_floor(lead,
-                                                                              strategy.epsilon)
-            if not ok:
-                search.append(b)
-                continue
-            answers[b] = {"pool": points[b], "finalists": ranked, "best": ranked[0],
-                          "separated": separated(space, obs, b, ranked[0], strategy.z,
-                                                 strategy.epsilon),
-                          "prior": points[b][0], "confirmed": True,
-                          "confirmation_points": len(points[b])}
+            if lead is None or mine is None:
+                return False
+            sd = priors[(space.task, b)].get("sd") or 0.0
+            return mine + strategy.z * sd >= band_floor(lead - strategy.z * sd, strategy.epsilon)
+        ok = {b: confirmed(b) for b in covered if len(points[b]) > 1}
+        lone = [b for b in covered if len(points[b]) == 1]
+        how = {b: "points" for b in ok}
+        more = []
+        for b in lone:   # the nearest budgets with both points, below and above
+            i = covered.index(b)
+            sides = [next(n for n in reversed(covered[:i]) if n in ok),
+                     next(n for n in covered[i + 1:] if n in ok)]
+            if all(ok[n] for n in sides):
+                ok[b], how[b] = confirmed(b), "neighbours"
+            else:
+                more.append(b)
+        if more:               # a neighbour failed: test this budget's prior on its own
+            points.update({b: full[b] for b in more})
+            yield [space.request(b, full[b][1], seed0[0]) for b in more]
+            ok.update({b: confirmed(b) for b in more})
+            how.update({b: "points" for b in more})
+        answers, search = {}, [b for b in space.budgets if not ok.get(b)]
+        for b in covered:
+            if ok[b]:
+                ranked = _rank(space, obs, b, points[b], None)
+                answers[b] = {"pool": points[b], "finalists": ranked, "best": ranked[0],
+                              "separated": separated(space, obs, b, ranked[0], strategy.z,
+                                                     strategy.epsilon),
+                              "prior": full[b][0], "confirmed": True, "confirmed_by": how[b],
+                              "confirmation_points": len(points[b])}
         if search:
             rest = yield from ladder(dataclasses.replace(space, budgets=search), obs, strategy)
             for b, a in rest.items():
-                answers[b] = {**a, "prior": points[b][0] if b in points else None,
-                              "confirmed": False if b in points else None,
+                answers[b] = {**a, "prior": full[b][0] if b in full else None,
+                              "confirmed": False if b in full else None,
+                              "confirmed_by": None,
                               "confirmation_points": len(points.get(b, []))}
         return {b: answers[b] for b in space.budgets}
     return driver
@@ -329,12 +364,18 @@ def priors_from(rows: list[dict], epsilon: float) -> dict:
             continue
         cand = (SFT_ONLY, 1.0) if g["sft_fraction"] == 1.0 else (g["method"], g["sft_fraction"])
         by.setdefault((g["task"], float(g["budget"])), {})[cand] = g["score_mean"]
+    ss, dof = 0.0, 0     # the seed sd pooled over the groups with two seeds or more
+    for g in rows:
+        if g["score_std"] is not None and g["n_seeds"] > 1:
+            ss += g["score_std"] ** 2 * (g["n_seeds"] - 1)
+            dof += g["n_seeds"] - 1
+    sd = math.sqrt(ss / dof) if dof else None
     out = {}
     for key, means in by.items():
         ranking = sorted(means, key=lambda c: (-means[c], -c[1]))
         floor = band_floor(means[ranking[0]], epsilon)
         out[key] = {"ranking": ranking, "band": [c for c in ranking if means[c] >= floor],
-                    "means": means}
+                    "means": means, "sd": sd}
     return out
 
 
@@ -442,7 +483,8 @@ def answer_rows(spaces: list[Space], results: dict, obs: Observations, strategy:
                                              {"method": a["prior"][0],
                                               "sft_fraction": a["prior"][1]}),
                                    "confirmation_points": a["confirmation_points"],
-                                   "confirmed": a["confirmed"]}
+                                   "confirmed": a["confirmed"],
+                                   "confirmed_by": a.get("confirmed_by")}
             rows.append(row)
     return rows
 

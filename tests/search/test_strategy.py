@@ -268,3 +268,35 @@ def test_replay_pays_a_shared_stage_once():
     capped = mod.Meter(table, cap=12.0)
     got = capped([sp.request(8.0, (SFT_ONLY, 1.0), 0), sp.request(16.0, (SFT_ONLY, 1.0), 0)])
     assert len(got) == 1 and capped.cost == 11.0
+
+
+def test_transfer_measures_only_the_prior_best_between_two_budgets_with_the_same_prior():
+    """The same prior at every budget (dpo 0.5, then SFT only): the first and the last budget
+    get both confirmation points, the three between them only the prior's best, confirmed by
+    their neighbours. Where the first budget's challenger wins clearly (SFT only at 32), its
+    neighbour 64 gets its challenger measured in a second round, and 32 is searched."""
+    from budgetlab.search import transfer
+    sp = space(seeds=(0, 1, 2))
+    order = [("dpo", 0.5), (SFT_ONLY, 1.0), ("dpo", 0.25), ("dpo", 0.1), ("dpo", 0.0)]
+    prior = {("arith", b): {"ranking": order, "band": order[:1], "sd": 0.01} for b in BUDGETS}
+
+    def flat(budget, share, seed):
+        return {0.5: 0.8, 1.0: 0.5}.get(share, 0.2) + 0.01 * (seed - 1)
+    log = []
+    res, _, _ = run_search([sp], measure_with(flat, log), Strategy(), driver=transfer(prior))
+    ans = res[("arith", "m")]
+    assert len(log) == 1 and len(log[0]) == 2 + 1 + 1 + 1 + 2
+    assert {b: a["confirmed_by"] for b, a in ans.items()} == {
+        32.0: "points", 64.0: "neighbours", 128.0: "neighbours", 256.0: "neighbours",
+        512.0: "points"}
+    assert all(a["best"] == ("dpo", 0.5) for a in ans.values())
+
+    def sft_at_32(budget, share, seed):
+        return 0.95 if budget == 32.0 and share == 1.0 else flat(budget, share, seed)
+    log = []
+    res, _, _ = run_search([sp], measure_with(sft_at_32, log), Strategy(), driver=transfer(prior))
+    ans = res[("arith", "m")]
+    assert log[1] == [sp.request(b, (SFT_ONLY, 1.0), 0) for b in (64.0, 128.0, 256.0)]
+    assert ans[32.0]["confirmed"] is False and ans[32.0]["best"] == (SFT_ONLY, 1.0)
+    assert all(ans[b]["confirmed"] and ans[b]["confirmed_by"] == "points"
+               for b in (64.0, 128.0, 256.0))

@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Nodes of the local test cluster (slurm/cluster.sh); the multi-node tests need 2.
 SLURM_NODES ?= 2
 
-.PHONY: env demo test test-fast cluster-up cluster-down bench clean
+.PHONY: env demo test test-serial test-fast cluster-up cluster-down bench clean
 
 env: $(VENV)/.installed
 
@@ -34,7 +34,13 @@ cluster-down:
 	BUDGETLAB_SLURM_NODES=$(SLURM_NODES) bash slurm/cluster.sh down
 
 # The whole suite, real SLURM included: the cluster is started first.
+# The suite in two lanes side by side (tests/lanes.sh): the SLURM tests on this cluster; the
+# fault campaign on a second one it starts, then the CPU tests. `make test-serial`: one run.
 test: env cluster-up
+	set -a; eval "$$(BUDGETLAB_SLURM_NODES=$(SLURM_NODES) bash slurm/cluster.sh env)"; set +a; \
+	bash tests/lanes.sh $(PY) $(PYTEST_ARGS)
+
+test-serial: env cluster-up
 	set -a; eval "$$(BUDGETLAB_SLURM_NODES=$(SLURM_NODES) bash slurm/cluster.sh env)"; set +a; \
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -rs $(PYTEST_ARGS)
 

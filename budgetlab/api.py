@@ -221,7 +221,7 @@ class Lab:
         return recommend(self.report(grid, metric=metric, cost=cost, sync=sync), budget,
                          top=top, epsilon=epsilon)
 
-    def search(self, grid, eta: int = 3, borrow: bool = True, z: float = 1.0,
+    def search(self, grid, eta: int = 3, borrow: bool = True, z: float = 0.5,
                all_seeds: bool = False, seed: int | None = None, epsilon: float = 0.05,
                max_gpu_hours: float | None = None, transfer_from=None,
                executor: str = "local", poll: float = 1.0, timeout: float | None = None,

@@ -326,10 +326,13 @@ cmd_status() {
     return $rc
 }
 
-cmd_env() {
+cmd_env() {  # what a later `cluster.sh kill-node` or a test needs to find this cluster again
     echo "SLURM_CONF=$SLURM_CONF"
     echo "BUDGETLAB_SLURM_DIR=$DIR"
     echo "BUDGETLAB_SLURM_NODES=$NODES"
+    echo "BUDGETLAB_SLURM_CLUSTER=$CLUSTER"
+    echo "BUDGETLAB_SLURM_PORT_BASE=$PORT_BASE"
+    echo "BUDGETLAB_SLURM_NODE_PREFIX=$PREFIX"
 }
 
 case "${1:-}" in

@@ -8,6 +8,34 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+# `make test` runs the suite as lanes side by side (tests/lanes.sh): BUDGETLAB_TEST_LANE
+# selects one. "cluster": the tests that use the local SLURM (marked slurm or fault, or
+# asking for a cluster fixture) but the fault campaign; "campaign": the fault campaign
+# alone, on a second cluster of its own (it kills nodes and restarts slurmctld); "cpu":
+# the rest. Unset: every test, one after the other.
+LANES = ("cluster", "campaign", "cpu")
+_CLUSTER_FIXTURES = {"slurm_cluster", "slurm", "scli", "two_nodes"}
+
+
+def lane_of(item) -> str:
+    if "tests/faults/test_campaign.py" in item.nodeid.replace(os.sep, "/"):
+        return "campaign"
+    if item.get_closest_marker("slurm") or item.get_closest_marker("fault") or \
+            _CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return "cluster"
+    return "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    lane = os.environ.get("BUDGETLAB_TEST_LANE")
+    if not lane:
+        return
+    if lane not in LANES:
+        raise pytest.UsageError(f"BUDGETLAB_TEST_LANE={lane!r}: expected one of {LANES}")
+    keep = [i for i in items if lane_of(i) == lane]
+    config.hook.pytest_deselected(items=[i for i in items if lane_of(i) != lane])
+    items[:] = keep
+
 GOOD_SPEC = """
 name = "t"
 [grid]

@@ -21,10 +21,10 @@ from budgetlab.cli.common import console, echo_json, json_option, main, pass_sta
               help="Keep the best 1/eta of each rung; the next rung has eta times the seeds.")
 @click.option("--no-borrow", "no_borrow", is_flag=True,
               help="Plain successive halving: every budget starts from every candidate.")
-@click.option("--z", "z", default=1.0, show_default=True, type=float,
-              help="Band half-width in seed sds: promote only candidates whose mean + z*sd "
-                   "reaches the leader's mean - z*sd (1: recommend's band); a budget with "
-                   "none left is decided.")
+@click.option("--z", "z", default=0.5, show_default=True, type=float,
+              help="The seed noise, in seed sds: a candidate gets more seeds only while its "
+                   "mean + z*sd, less epsilon of itself, reaches the leader's mean - z*sd; a "
+                   "budget with none left is separated.")
 @click.option("--all-seeds", "all_seeds", is_flag=True,
               help="Measure each budget's winner with every seed, even when it is clear.")
 @click.option("--seed", "seed", type=int, default=None,

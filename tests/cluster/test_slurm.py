@@ -141,10 +141,12 @@ def test_preempted_job_resumes_from_checkpoint(tmp_path, grid_file, tiny_model, 
 
 def test_time_limit_checkpoints_requeues_and_completes(tmp_path, grid_file, tiny_model,
                                                         slurm_cluster, epochs_for):
-    # A 1-minute limit (the pre-timeout signal 15 s before it) and ~90 s of training.
+    # A 1-minute limit (the pre-timeout signal 15 s before it) and ~120 s of training: twice
+    # the 45 s before the signal, so that a step time calibrated while the other lane was
+    # busy (make test runs two) still gives a stage that outlasts the limit.
     extra = "[resources.sft]\ntime_min = 1\n[resources.eval]\ntime_min = 0.01\n"
     plan, led, wd = _setup(tmp_path, grid_file, tiny_model, name="tle", budgets=(16,),
-                           fractions=(1.0,), epochs=epochs_for(90),
+                           fractions=(1.0,), epochs=epochs_for(120),
                            checkpoint_every=1000, extra=extra)
     sft = next(s for s in plan.stages.values() if s.kind == "sft")
     submit(led, plan, wd, executor="slurm")

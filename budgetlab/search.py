@@ -273,7 +273,9 @@ def confirmation_points(candidates: list, prior: dict) -> list:
     if not ranking:
         return []
     outside = [c for c in ranking if c not in prior["band"]]
-    return [ranking[0]] + (outside[:1] or ranking[1:2])
+    # a prior that measured one candidate there (a searched small grid): any other is a test
+    rest = [c for c in candidates if c not in ranking]
+    return [ranking[0]] + (outside[:1] or ranking[1:2] or rest[:1])
 
 
 def transfer(priors: dict):
@@ -324,15 +326,15 @@ def transfer(priors: dict):
         more = []
         for b in lone:   # the nearest budgets with both points, below and above
             i = covered.index(b)
-            sides = [next(n for n in reversed(covered[:i]) if n in ok),
-                     next(n for n in covered[i + 1:] if n in ok)]
-            if all(ok[n] for n in sides):
+            sides = [next((n for n in reversed(covered[:i]) if n in ok), None),
+                     next((n for n in covered[i + 1:] if n in ok), None)]
+            if None not in sides and all(ok[n] for n in sides):
                 ok[b], how[b] = confirmed(b), "neighbours"
             else:
                 more.append(b)
         if more:               # a neighbour failed: test this budget's prior on its own
             points.update({b: full[b] for b in more})
-            yield [space.request(b, full[b][1], seed0[0]) for b in more]
+            yield [space.request(b, full[b][1], seed0[0]) for b in more if len(full[b]) > 1]
             ok.update({b: confirmed(b) for b in more})
             how.update({b: "points" for b in more})
         answers, search = {}, [b for b in space.budgets if not ok.get(b)]

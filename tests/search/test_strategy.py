@@ -300,3 +300,22 @@ def test_transfer_measures_only_the_prior_best_between_two_budgets_with_the_same
     assert ans[32.0]["confirmed"] is False and ans[32.0]["best"] == (SFT_ONLY, 1.0)
     assert all(ans[b]["confirmed"] and ans[b]["confirmed_by"] == "points"
                for b in (64.0, 128.0, 256.0))
+
+
+def test_transfer_from_a_searched_small_grid_with_one_candidate_at_a_budget():
+    """A small grid measured by search can hold one candidate at a budget: the confirmation
+    then tests it against another candidate of the grid (the first in grid order, SFT only).
+    At 32 that challenger wins and the budget is searched; at 256 and 512, where the best
+    moved to dpo 0.25, the challenger does not beat dpo 0.5 and the prior stands: the
+    transfer's limit, an optimum that moves to a split the prior does not test."""
+    from budgetlab.search import confirmation_points, transfer
+    sp = space()
+    one = {"ranking": [("dpo", 0.5)], "band": [("dpo", 0.5)]}
+    assert confirmation_points(sp.candidates, one) == [("dpo", 0.5), (SFT_ONLY, 1.0)]
+    prior = {("arith", b): dict(one) for b in BUDGETS}
+    res, _, _ = run_search([sp], measure_with(moving_peak, []), Strategy(),
+                           driver=transfer(prior))
+    ans = res[("arith", "m")]
+    assert ans[32.0]["confirmed"] is False and ans[32.0]["best"] == (SFT_ONLY, 1.0)
+    assert all(ans[b]["best"] == ("dpo", 0.5) for b in (64.0, 128.0, 256.0, 512.0))
+    assert truth(sp, moving_peak)[256.0] == ("dpo", 0.25)    # the miss, stated

@@ -475,6 +475,7 @@ def answer_rows(spaces: list[Space], results: dict, obs: Observations, strategy:
                             for c in band(sp, obs, b, a["best"], strategy.epsilon)],
                    "best": best,
                    "stopped": ("separated" if a["separated"] else
+                               "prior confirmed" if a.get("confirmed") else
                                "compute cap" if capped and best["n_seeds"] < len(sp.seeds)
                                else "seeds exhausted"),
                    "candidates_measured": len([c for c in sp.candidates if obs.of(sp, b, c)]),
@@ -493,12 +494,15 @@ def answer_rows(spaces: list[Space], results: dict, obs: Observations, strategy:
 
 def stopped_because(rows: list[dict], capped: bool, cap: float | None, unit: str) -> str:
     """The search's reason to stop, in one line."""
-    open_ = [r for r in rows if r["stopped"] != "separated"]
+    open_ = [r for r in rows if r["stopped"] not in ("separated", "prior confirmed")]
+    held = sum(r["stopped"] == "prior confirmed" for r in rows)
     if capped:
         return (f"compute cap: {cap:g} {unit.replace('_', '-')} reached; "
                 f"{len(open_)} of {len(rows)} budget(s) not separated")
     if not open_:
-        return f"separated: every budget's band is separated from the rest ({len(rows)})"
+        return (f"separated: every budget's band is separated from the rest ({len(rows)})"
+                if not held else f"prior confirmed at {held} of {len(rows)} budget(s), the "
+                f"others separated")
     return (f"seeds exhausted: {len(open_)} of {len(rows)} budget(s) not separated after "
             f"every seed of their finalists (the seed spread is wider than the band)")
 

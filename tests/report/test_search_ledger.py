@@ -170,6 +170,8 @@ def test_transfer_from_a_small_grid(tmp_path, surf, cli, large, confirmed):
     assert found == want
     if large is surface:   # confirmed everywhere: the six confirmation cells and nothing else
         assert out["cells_measured"] == 6 and len(out["rounds"]) == 1
+        assert {a["stopped"] for a in out["answers"]} == {"prior confirmed"}
+        assert out["stopped"] == "prior confirmed at 3 of 3 budget(s), the others separated"
     else:
         by = {a["budget"]: a["transfer"]["confirmed"] for a in out["answers"]}
         assert by == {64.0: True, 256.0: True, 1024.0: False}

@@ -1,28 +1,34 @@
-"""Replay `budgetlab search` against a grid measured in full, and against two baselines.
+"""Replay `budgetlab search` and `search --transfer-from` against a grid measured in full,
+and against baselines at equal compute.
 
-    .venv/bin/python bench/search_replay.py [bench/data/toy_study.json] [--seeds 24] [--eta 3] [--z 1]
-        [--models builtin:arith-tiny]
+    .venv/bin/python bench/search_replay.py [bench/data/toy_study.json] [--seeds 24] [--eta 3]
+        [--z 0.5] [--epsilon 0.05] [--models M ...] [--transfer SMALL LARGE]
 
 The table (bench/toy_study.py) holds every cell's score per seed and every stage's
 CPU-seconds. Each search "measures" a cell by looking its score up, and pays the CPU-seconds
 of the stages of the cell's point that it has not paid yet (a stage shared by several cells,
 an SFT stage across budgets for instance, is paid once), exactly what a real run would cost.
-The truth at each (task, model, budget) is the best mean over all seeds of every candidate
-(method, SFT share); a search is right there when the split it returns has that mean (ties
-count as right). Regret = true mean of the best minus true mean of the split returned.
+The truth at each (task, model, budget) is the full grid's epsilon-band: the candidates
+(method, SFT share) whose mean over all seeds is within (1 - epsilon) of the best's. A search
+agrees there when the split it returns lies in the band; "exact best" counts returning the
+best mean itself, regret = best true mean - true mean of the split returned.
 
 Strategies, each run with search seeds 0..N-1 (the seed shuffles the order in which the
 grid's seeds are used, and breaks ties at random):
-  ladder        budgetlab search's default (successive halving per budget, seeds as the
-                fidelity, pools borrowed from the budget below)
-  sh            plain successive halving (every budget from every candidate; rungs of all
-                budgets together), capped at the ladder's compute of the same search seed
-                (a cell that no longer fits is skipped, a cheaper later one still measured)
-  random        random cells (candidate, budget, seed) until the ladder's compute is spent
-  ladder-all    the ladder with --all-seeds (every winner measured with every seed; its own
-                compute, for reference)
-  sh-full       plain successive halving run to its end (its own compute, for reference)
-RESULT lines come last.
+  ladder           budgetlab search's default (successive halving per budget, seeds as the
+                   fidelity, pools and seed noise borrowed from the budget below)
+  sh               plain successive halving (every budget from every candidate; rungs of all
+                   budgets together), capped at the ladder's compute of the same search seed
+                   (a cell that no longer fits is skipped, a cheaper later one still measured)
+  random           random cells (candidate, budget, seed) until the ladder's compute is spent
+  ladder-all       the ladder with --all-seeds (its own compute, for reference)
+  sh-full          plain successive halving run to its end (its own compute, for reference)
+  transfer         the larger model (--transfer's LARGE, default the table's second model)
+                   searched with the smaller one's full-table bands as the prior; compute is
+                   the large model's, against the large model's full grid
+  transfer-random  random cells of the large model at the transfer's compute
+RESULT lines come last: search_compute_fraction, search_agreement, transfer_compute_fraction
+and transfer_agreement after the baselines'.
 """
 
 from __future__ import annotations

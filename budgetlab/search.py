@@ -1,7 +1,14 @@
 """Find the best split per budget while measuring only a fraction of the grid.
 
-    from budgetlab.search import search_plan, Strategy
-    result = search_plan(plan, measure, Strategy())   # measure(list[Request]) -> {Request: score}
+    from budgetlab.search import Strategy, run_search, spaces_of
+    results, obs, rounds = run_search(spaces_of(plan), measure, Strategy())
+    # measure(list[Request]) -> {Request: score}; search() below drives it on a ledger
+
+The answer at each budget is the best split found and its epsilon-band (band(): the measured
+splits within (1 - epsilon) of it); a budget is "separated" (separated()) when no measured
+split could, within the seed noise, beat the leader by more than epsilon. transfer() is the
+driver of `search --transfer-from`: a small model's bands as the prior, confirmation points,
+the ladder where the prior fails.
 
 The candidates of a (task, model) are the grid's (method, SFT share) pairs; share 1.0 is SFT
 only, one candidate whatever the method (the same point). The strategy, "ladder":
@@ -17,10 +24,11 @@ only, one candidate whatever the method (the same point). The strategy, "ladder"
    lost clearly one budget down is not measured again unless it is next to the winner.
    The seed noise is borrowed too: once a budget has candidates measured with several
    seeds, their pooled seed standard deviation is known, and at a later budget a candidate
-   is promoted only if its band mean + z*sd reaches the leader's mean - z*sd (each with its
-   own seed sd, or the pooled one while it has one seed; z = 1 by default, which is the band
-   of `budgetlab recommend`'s contenders), so a clear loser is not measured with more
-   seeds; and when
+   is promoted only if it could push the leader out of its epsilon-band: its mean + z*sd,
+   less epsilon of itself, reaches the leader's mean - z*sd (each with its own seed sd, or
+   the pooled one while it has one seed; z = 0.5 by default, chosen on the toy replay of
+   bench/search_replay.py; epsilon 0 and z = 1 are `budgetlab recommend`'s contenders), so
+   a clear loser is not measured with more seeds; and when
    no other candidate of the pool is that close, the budget is decided and the leader is
    not measured with more seeds either (`all_seeds=True`, `--all-seeds`: it always is,
    so that the answer's mean and spread use every seed).
@@ -507,7 +515,7 @@ def stopped_because(rows: list[dict], capped: bool, cap: float | None, unit: str
             f"every seed of their finalists (the seed spread is wider than the band)")
 
 
-def full_grid_compute(plan, measured: dict, unit: str) -> tuple[float, str]:
+def full_grid_compute(plan, measured: dict) -> tuple[float, str]:
     """The whole grid's compute: measured where a stage ran, else estimated from the rate
     of the measured stages of the same kind and model (per example for training, per stage
     for evals). Returns (hours, how)."""
@@ -619,8 +627,7 @@ def search(led, plan, workdir, strategy: Strategy, executor: str = "local", poll
     gpu, cpu = hours(grid_stages)
     unit = "gpu_hours" if any(gpu[s] for s in used) else "cpu_hours"
     measured = gpu if unit == "gpu_hours" else cpu
-    full, how = full_grid_compute(plan, {s: v for s, v in measured.items()
-                                         if s in used or v}, unit)
+    full, how = full_grid_compute(plan, {s: v for s, v in measured.items() if s in used or v})
     answers = answer_rows(spaces, results, obs, strategy, plan, capped=bool(capped))
     out = {
         "grid": plan.name, "epsilon": strategy.epsilon, "metric": rep.metric,

@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-# `make test` runs the suite as lanes side by side (tests/lanes.sh): BUDGETLAB_TEST_LANE
+# `make test-lanes` runs the suite as lanes side by side (tests/lanes.sh): BUDGETLAB_TEST_LANE
 # selects one. "cluster": the tests that use the local SLURM (marked slurm or fault, or
 # asking for a cluster fixture) but the fault campaign; "campaign": the fault campaign
 # alone, on a second cluster of its own (it kills nodes and restarts slurmctld); "cpu":

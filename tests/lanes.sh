@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole suite as two lanes side by side (make test): most of a SLURM test's time is
+# The whole suite as two lanes side by side (make test-lanes): most of a SLURM test's time is
 # waiting on the scheduler, so the CPU tests and the fault campaign run while the SLURM
 # tests wait.
 #   lane A: the SLURM and fault tests (BUDGETLAB_TEST_LANE=cluster) on the cluster of

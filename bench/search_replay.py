@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 
 from budgetlab.search import (SFT_ONLY, Observations, Request, Space, Strategy, band_floor,
-                              breadth_first, ladder, run_search, transfer)
+                              breadth_first, ladder, priors_from, run_search, transfer)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,26 +179,20 @@ def random_search(table, spaces, seed, cap):
 
 
 def transfer_priors(table: Table, small: Space, epsilon: float) -> dict:
-    """The small model's bands measured in full: the prior of a transfer search, with its
-    seed sd pooled over every cell (as budgetlab.search.priors_from does from a report)."""
-    ss, dof = 0.0, 0
+    """The small model's bands measured in full: the prior of a transfer search, built by
+    budgetlab.search.priors_from (what `search --transfer-from` uses) from the table's cells
+    shaped as report groups."""
+    rows = []
     for b in small.budgets:
         for c in small.candidates:
             method = small.methods[0] if c[0] == SFT_ONLY else c[0]
             vals = [table.cells[(small.task, small.model, b, method, c[1], s)]["score"]
                     for s in small.seeds]
-            if len(vals) > 1:
-                ss += statistics.variance(vals) * (len(vals) - 1)
-                dof += len(vals) - 1
-    sd = (ss / dof) ** 0.5 if dof else None
-    out = {}
-    for b in small.budgets:
-        truths = {c: table.truth(small, b, c) for c in small.candidates}
-        ranking = sorted(truths, key=lambda c: (-truths[c], -c[1]))
-        floor = band_floor(truths[ranking[0]], epsilon)
-        out[(small.task, b)] = {"ranking": ranking, "sd": sd,
-                                "band": [c for c in ranking if truths[c] >= floor]}
-    return out
+            rows.append({"task": small.task, "budget": b, "method": method,
+                         "sft_fraction": c[1], "score_mean": statistics.fmean(vals),
+                         "score_std": statistics.stdev(vals) if len(vals) > 1 else None,
+                         "n_seeds": len(vals)})
+    return priors_from(rows, epsilon)
 
 
 def main() -> int:

@@ -153,6 +153,7 @@ class JobRecord:
     gpus: int = 0
     cpus: int = 0
     failed_nodes: str = ""   # NODE_FAIL: the nodes of this run that the scheduler saw go down
+    final: bool = False      # PREEMPTED/NODE_FAIL that the controller lists as ended: no requeue
 
 
 def from_row(cls, row: dict):

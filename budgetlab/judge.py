@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from budgetlab.datamodel import Attempt, JobRecord
+from budgetlab.spec import signal_before_s, slurm_time_min
 from budgetlab.lifecycle import (BLOCKED, COMPLETED, LIVE, NEW, PENDING, RUNNING, SUBMITTING,
                                  Transition)
 
@@ -32,7 +33,8 @@ RAW_OUTCOME = {
 NEVER = "DependencyNeverSatisfied"
 # Seconds: a job the scheduler does not list yet, a submitter that went quiet (a site whose
 # accounting lags may raise it); a preempted (or NODE_FAIL) run that no requeued run follows
-# is taken as not requeued after the second.
+# is taken as not requeued after the second, or at once when the controller lists it as ended
+# (JobRecord.final).
 MISSING_GRACE_S = float(os.environ.get("BUDGETLAB_MISSING_GRACE_S", 120))
 PREEMPT_GRACE_S = float(os.environ.get("BUDGETLAB_PREEMPT_GRACE_S", 60))
 REUSED_SLACK_S = 3600    # a record submitted this long before our attempt is another job
@@ -226,11 +228,11 @@ def _outcome(a: Attempt, run, f: StageFiles, ev: JobEvidence, is_head: bool, hea
     if raw in (PENDING, RUNNING):
         return raw, None
     if raw == "PREEMPTED" and f.error is None:
-        if ev.now - (run.end or ev.now) < PREEMPT_GRACE_S:
+        if not run.final and ev.now - (run.end or ev.now) < PREEMPT_GRACE_S:
             return keep, None      # a requeued run may still appear
         return "PREEMPTED", f"job {a.job_id} was preempted and the site did not requeue it; " \
                             f"resubmit resumes from its newest checkpoint"
-    if raw == "NODE_FAIL" and ev.now - (run.end or ev.now) < PREEMPT_GRACE_S:
+    if raw == "NODE_FAIL" and not run.final and ev.now - (run.end or ev.now) < PREEMPT_GRACE_S:
         # SLURM requeues a job that lost a node: its next run may not be in accounting yet.
         # (Not only without error.json: the ranks that survive write one when their peers
         # vanish; every stage of the job waits the same grace.)
@@ -270,9 +272,11 @@ def _interrupted_outcome(run, resources: dict) -> str:
         return "NODE_FAIL"
     if run.raw_state == "PREEMPTED":
         return "PREEMPTED"
-    limit = float((resources.get("job") or resources).get("time_min") or 0) * 60
-    if run.start and run.end and limit and \
-            run.end - run.start >= limit - min(120, max(15, limit * 0.25)) - 30:
+    job = resources.get("job") or resources
+    if not job.get("time_min"):
+        return "PREEMPTED"
+    limit = slurm_time_min(job) * 60
+    if run.start and run.end and run.end - run.start >= limit - signal_before_s(job) - 30:
         return "TIMEOUT"
     return "PREEMPTED"
 

@@ -169,6 +169,9 @@ RESOURCE_KEYS = {
     "keep_checkpoints": _int(1), "gradient_checkpointing": _bool,
     # Requeues in a row without checkpoint progress before a job gives up (TIMEOUT).
     "max_requeues": _int(0),
+    # Seconds before the time limit that SLURM sends the checkpoint signal (unset: a quarter
+    # of the limit, 15 to 120 s); a model that takes long to save needs more.
+    "signal_before_s": _int(1),
 }
 RESOURCE_DEFAULTS = {
     "nodes": 1, "gpus_per_node": 0, "cpus_per_task": 2, "mem_gb": 8, "time_min": 60,
@@ -492,7 +495,25 @@ def _parse_resources(c: _Checker, raw: dict) -> dict:
         if r["gpus_per_node"] and r["tasks_per_node"] != r["gpus_per_node"]:
             c.fail(f"resources.{kind}.tasks_per_node",
                    f"must equal gpus_per_node ({r['gpus_per_node']}): one rank per GPU")
+        limit_s = slurm_time_min(r) * 60
+        if r.get("signal_before_s") and r["signal_before_s"] >= limit_s:
+            c.fail(f"resources.{kind}.signal_before_s",
+                   f"must be less than the time limit ({limit_s} s)")
     return out
+
+
+def slurm_time_min(res: dict) -> int:
+    """The time limit SLURM gets: whole minutes, at least one."""
+    return max(1, round(float(res["time_min"])))
+
+
+def signal_before_s(res: dict) -> int:
+    """Seconds before the time limit of the pre-timeout (checkpoint) signal: the resources'
+    signal_before_s, else a quarter of the limit, 15 to 120 s (early enough to checkpoint,
+    never before a short job starts)."""
+    if res.get("signal_before_s"):
+        return int(res["signal_before_s"])
+    return int(min(120, max(15, slurm_time_min(res) * 60 * 0.25)))
 
 
 def _parse_data(c: _Checker, raw: dict, tasks, data_keys) -> tuple[dict, dict]:

@@ -28,6 +28,7 @@ from budgetlab.backends.base import Backend, Poll, Unit
 from budgetlab.backends.job import StageJob
 from budgetlab.datamodel import JobRecord
 from budgetlab.errors import BadInput, RuntimeFailure
+from budgetlab.spec import signal_before_s, slurm_time_min
 
 NAME = "slurm"
 DEFAULT_MAX_ARRAY_SIZE = 1001   # SLURM's default MaxArraySize
@@ -68,15 +69,14 @@ def log_path(folder: Path, job_id: str) -> str:
 def sbatch_parameters(res: dict, settings: dict, job_name: str) -> dict:
     """submitit parameters for one array: resources of the unit + the spec's [slurm]."""
     gpus = int(res.get("gpus_per_node") or 0)
-    time_min = max(1, round(float(res["time_min"])))   # SLURM counts whole minutes
+    time_min = slurm_time_min(res)
     params = {
         "job_name": job_name, "nodes": int(res.get("nodes", 1)),
         "ntasks_per_node": int(res.get("tasks_per_node") or max(gpus, 1)),
         "cpus_per_task": int(res.get("cpus_per_task", 1)),
         "mem": f"{max(1, math.ceil(float(res['mem_gb']) * 1024))}MB",
         "time": time_min,
-        # The pre-timeout signal: early enough to checkpoint, never before a short job starts.
-        "signal_delay_s": int(min(120, max(15, time_min * 60 * 0.25))),
+        "signal_delay_s": signal_before_s(res),
         "stderr_to_stdout": True,
     }
     if gpus:
@@ -266,18 +266,28 @@ class SlurmBackend(Backend):
             # keeps the Reason a pending job had when it was recorded ("Dependency"), not
             # DependencyNeverSatisfied once its parent's job failed; without the live reason
             # a child whose parent completed before its job was killed waits for ever.
+            # A third kind: runs that ended PREEMPTED or NODE_FAIL, which SLURM may requeue.
+            # The controller requeues at once (the job is PENDING again); one it lists as
+            # ended for good (until MinJobAge) gets no new run, so nothing waits the grace.
             unknown = [j for j in job_ids if j not in out.runs]
             waiting = [] if down else [
                 j for j, runs in out.runs.items() if runs and runs[-1].raw_state == "PENDING"
                 and runs[-1].reason.startswith("Dependency")]
-            if unknown or waiting:
+            interrupted = [] if down else [
+                j for j, runs in out.runs.items() if runs and runs[-1].raw_state in
+                ("PREEMPTED", *NODE_FAIL_STATES)]
+            if unknown or waiting or interrupted:
                 out.squeue_calls += 1
-                live = squeue(unknown + waiting)
+                live = squeue(unknown + waiting + interrupted)
                 out.runs.update({j: live[j] for j in unknown if j in live})
                 for j in waiting:
                     if live.get(j):
                         last = dataclasses.replace(out.runs[j][-1], reason=live[j][-1].reason)
                         out.runs[j] = [*out.runs[j][:-1], last]
+                for j in interrupted:
+                    last = out.runs[j][-1]
+                    if live.get(j) and live[j][-1].raw_state == last.raw_state:
+                        out.runs[j] = [*out.runs[j][:-1], dataclasses.replace(last, final=True)]
         if not down:
             states = node_states()
             if states is not None:

@@ -98,6 +98,10 @@ def test_sbatch_parameters_from_spec():
     assert p["additional_parameters"] == {"reservation": "r1", "requeue": True}
     with pytest.raises(BadInput, match="extra_sbatch"):
         sbatch_parameters(res, {"extra_sbatch": ["reservation r1"]}, "x")
+    # The pre-timeout signal: a quarter of the limit within 15-120 s, or signal_before_s.
+    assert p["signal_delay_s"] == 120
+    assert sbatch_parameters({**res, "time_min": 1}, {}, "x")["signal_delay_s"] == 15
+    assert sbatch_parameters({**res, "signal_before_s": 600}, {}, "x")["signal_delay_s"] == 600
 
 
 # -- sync against local runner state files ----------------------------------------------------

@@ -141,12 +141,13 @@ def test_preempted_job_resumes_from_checkpoint(tmp_path, grid_file, tiny_model, 
 
 def test_time_limit_checkpoints_requeues_and_completes(tmp_path, grid_file, tiny_model,
                                                         slurm_cluster, epochs_for):
-    # A 1-minute limit (the pre-timeout signal 15 s before it) and ~120 s of training: twice
-    # the 45 s before the signal, so that a step time calibrated while the other lane was
-    # busy (make test runs two) still gives a stage that outlasts the limit.
+    # A 1-minute limit, the pre-timeout signal 15 s before it: slurmctld checks time limits
+    # every 30 s and sends the signal at the first check past limit - 15 s - 30 s, so it
+    # lands 15 to 45 s into a run. ~60 s of training outlasts that however the run starts;
+    # more only adds runs (each resumes from the checkpoint the signal made).
     extra = "[resources.sft]\ntime_min = 1\n[resources.eval]\ntime_min = 0.01\n"
     plan, led, wd = _setup(tmp_path, grid_file, tiny_model, name="tle", budgets=(16,),
-                           fractions=(1.0,), epochs=epochs_for(120),
+                           fractions=(1.0,), epochs=epochs_for(60),
                            checkpoint_every=1000, extra=extra)
     sft = next(s for s in plan.stages.values() if s.kind == "sft")
     submit(led, plan, wd, executor="slurm")

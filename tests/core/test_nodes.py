@@ -64,3 +64,16 @@ def test_a_node_fail_run_without_a_requeue_is_final_after_the_grace():
     t = v.transitions[-1]
     assert t.to == "NODE_FAIL" and t.fields["failed_nodes"] == "n2"
     assert "node n2 of n[1-2] failed" in t.error and "Connection reset" in t.error
+
+
+def test_an_interrupted_run_the_controller_lists_as_ended_needs_no_grace():
+    """SLURM requeues at once (the job is PENDING again); a NODE_FAIL or PREEMPTED run that
+    squeue still lists as ended (until MinJobAge) is final: no 60 s wait for a requeue."""
+    import dataclasses
+    now = 10_000.0
+    for raw in ("NODE_FAIL", "PREEMPTED"):
+        run = JobRecord(job_id="7_0", raw_state=raw, nodes="n[1-2]", submit=now - 300,
+                        start=now - 200, end=now - 5, failed_nodes="n2")
+        assert _job(now, [run]).outcomes["s"] == "RUNNING"          # may be requeued
+        v = _job(now, [dataclasses.replace(run, final=True)])
+        assert v.outcomes["s"] == raw and v.transitions[-1].to == raw, v

@@ -60,6 +60,8 @@ MALFORMED = [
     (GOOD_SPEC + "\n[resources.sft]\ngpus_per_node = 4\ntasks_per_node = 2\n",
      "resources.sft.tasks_per_node", "one rank per GPU"),
     (GOOD_SPEC + "\n[resources.eval]\nzero_stage = 4\n", "resources.eval.zero_stage", "<= 3"),
+    (GOOD_SPEC + "\n[resources.sft]\ntime_min = 1\nsignal_before_s = 60\n",
+     "resources.sft.signal_before_s", "less than the time limit (60 s)"),
     (GOOD_SPEC + "\n[slurm]\npartition = 3\n", "slurm.partition", "non-empty string"),
     (GOOD_SPEC + "\n[eval]\nlimit = 5\n", "", "invalid TOML"),  # table defined twice
     ("name = 't'\n[grid\n", "", "invalid TOML"),

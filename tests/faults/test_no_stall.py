@@ -275,16 +275,17 @@ def _stop_mid_submit(cli: CLI, grid: Path, name: str, sig: int):
                          text=True)
     wait_until(lambda: f"bl-{name}-" in _squeue("-o", "%j") or p.poll() is not None, 120,
                "the first array", poll=0.01)
-    os.kill(p.pid, sig)
+    # send_signal: nothing to signal if the submit already finished (the caller retries).
+    p.send_signal(sig)
     # A submitter stopped inside its short write transaction would hold the ledger's lock:
     # let it leave the transaction first (a real stop can land anywhere; the lock is not
     # what this test is about).
     for _ in range(50):
         if sig != signal.SIGSTOP or _lockable(cli):
             break
-        os.kill(p.pid, signal.SIGCONT)
+        p.send_signal(signal.SIGCONT)
         time.sleep(0.02)
-        os.kill(p.pid, signal.SIGSTOP)
+        p.send_signal(signal.SIGSTOP)
     return p
 
 
@@ -316,7 +317,7 @@ def test_a_sync_never_cancels_a_submit_in_progress(scli, tiny_model, figure):
         p = _stop_mid_submit(cli, _held_grid(root, tiny_model, name), name, signal.SIGSTOP)
         if _unrecorded(cli):
             break
-        os.kill(p.pid, signal.SIGCONT)
+        p.send_signal(signal.SIGCONT)
         p.wait(120)
     else:
         pytest.skip("the submit finished before it could be stopped, three times")
@@ -332,7 +333,7 @@ def test_a_sync_never_cancels_a_submit_in_progress(scli, tiny_model, figure):
         still = set(_squeue("-r", "-o", "%i", "-t", "PD").split())
         assert queued <= still, queued - still      # no job of the submit was cancelled
     finally:
-        os.kill(p.pid, signal.SIGCONT)
+        p.send_signal(signal.SIGCONT)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     assert _unrecorded(cli) == 0

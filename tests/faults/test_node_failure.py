@@ -5,7 +5,8 @@ node's slurmd and every job process on it, slurmctld marks it DOWN after SlurmdT
 - SLURM requeues the job (its default): the run is an attempt row NODE_FAIL that names the
   failed node; while the job cannot get its 2 nodes, status says so in one line; once the
   node is back the job resumes from its checkpoint and completes.
-- A job that may not requeue (--no-requeue) leaves the stage NODE_FAIL with the failed node;
+- A job that may not requeue (--no-requeue) leaves the stage NODE_FAIL with the failed node
+  at the first sync after it ended (squeue lists it as ended: no 60 s wait for a requeue);
   resubmit refuses a 2-node stage while only one node is up ("the remaining nodes cannot
   meet the request"), and a 1-node stage goes with `--exclude` of the dead node, resuming
   from its checkpoint on the other one.
@@ -19,6 +20,7 @@ import time
 
 import pytest
 
+from budgetlab.judge import PREEMPT_GRACE_S
 from faultkit import (REPO, progress_step, queue_snapshot, sync_until_done, wait_until,
                       write_grid)
 
@@ -67,6 +69,11 @@ def sft(cli):
 def attempts(cli, sid):
     return cli.rows("SELECT outcome, failed_nodes, nodes, resumed_from_step, resources "
                     "FROM attempts WHERE stage_id = ? ORDER BY attempt_id", (sid,))
+
+
+def ended_at(cli, sid) -> float:
+    return cli.rows("SELECT ended_at FROM attempts WHERE stage_id = ? ORDER BY attempt_id "
+                    "DESC LIMIT 1", (sid,))[0][0]
 
 
 def running_with_checkpoint(cli, sid, step=12):
@@ -127,6 +134,7 @@ def test_no_requeue_stage_is_node_fail_and_resubmit_refuses_too_few_nodes(
         return (state, err) if state == "NODE_FAIL" else None
     state, err = wait_until(stage_failed, 180, "the stage to be NODE_FAIL", poll=3)
     assert "node n2 of n[1-2] failed" in err, err
+    assert time.time() - ended_at(scli, sid) < PREEMPT_GRACE_S   # squeue: no requeue coming
     assert attempts(scli, sid)[-1][1] == "n2"
     jobs_before = len(scli.rows("SELECT attempt_id FROM attempts"))
     p = scli("resubmit", "f", check=True)
@@ -161,6 +169,7 @@ def test_resubmit_excludes_the_dead_node_while_it_is_down(scli, tiny_model, two_
         "SELECT state FROM stages WHERE stage_id = ?", (sid,))[0][0] == "NODE_FAIL",
         180, "the stage to be NODE_FAIL", poll=3,
         detail=lambda: f"{attempts(scli, sid)}\n{queue_snapshot()}")
+    assert time.time() - ended_at(scli, sid) < PREEMPT_GRACE_S
     assert attempts(scli, sid)[-1][1] == node
     p = scli("resubmit", "f", check=True)
     assert f"exclude None -> {node}" in p.stdout, p.stdout

@@ -9,7 +9,8 @@ tmpfs of its own) through the `budgetlab` CLI as separate processes and injects 
 at a random moment: kill -9 of one rank, kill-node, scancel, `scontrol requeue`, preemption by
 an `urgent` job, a slurmctld restart, an eval whose data file is moved away (then restored),
 the disk full at a checkpoint, kill -9 of `submit` mid-way, or two CLIs submitting overlapping
-grids at once. Then it does what a user would: `status` (which syncs) until nothing is live,
+grids at once. Then it does what a user would: `status` (which syncs; through budgetlab.Lab, as the
+CLI's own code, to spare the jobs a CLI process every 2 s) until nothing is live,
 remove the cause, `resubmit` (with `--state CANCELLED` only for what was cancelled), until
 the grid is complete or the run's deadline passes.
 
@@ -144,6 +145,17 @@ class Watch:
         self.changed: set[int] = set()
         self.ckpt_seen: dict[str, float] = {}                # stage -> first complete ckpt seen
 
+    def status(self, grid: str) -> dict | None:
+        """What `budgetlab status GRID --json` prints (it syncs first), through the Python
+        API the CLI calls: a poll every 2 s in a CLI process of its own would take CPU
+        from the jobs. None while the grid is not registered or the ledger is busy."""
+        if not self.cli.ledger.exists():
+            return None
+        try:
+            return self.lab.status(grid, progress=False)
+        except Exception:
+            return None
+
     def attempts(self) -> list:
         if not self.cli.ledger.exists():
             return []
@@ -213,6 +225,23 @@ class Watch:
         return left
 
 
+def last_step(stage_dir: Path) -> int:
+    """The step of the last complete line of the stage's train.jsonl (0 if none yet)."""
+    try:
+        with open(stage_dir / "log" / "train.jsonl", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue    # a line being written, or cut by the seek
+    return 0
+
+
 # -- one run ----------------------------------------------------------------------------------
 class Campaign:
     def __init__(self, root: Path, seed: int, deadline_s: float):
@@ -278,8 +307,7 @@ class Campaign:
         while time.time() < end:
             sts = []
             for g in grids:
-                p = cli("status", g, "--json", timeout=300)
-                sts.append(json.loads(p.stdout) if p.returncode == 0 else None)
+                sts.append(watch.status(g))
             watch.look()
             if tick:
                 tick()
@@ -337,7 +365,9 @@ class Campaign:
                     prog = json.loads((sd / "progress.json").read_text())
                 except (OSError, ValueError):
                     continue
-                step, total = int(prog.get("step") or 0), int(prog.get("total_steps") or 0)
+                # progress.json beats every 2 s, longer than a tiny stage's window: the step
+                # comes from train.jsonl, one line per step.
+                step, total = last_step(sd), int(prog.get("total_steps") or 0)
                 if prog.get("phase") == "train" and total and frac * total <= step < total - 3:
                     return sid, latest[sid].job_id, step
             return None

@@ -63,11 +63,14 @@ def run_one(stage: StageDir) -> dict | None:
     result.setdefault("wall_seconds", time.time() - start)
     result.setdefault("world_size", env.world_size)
     result.setdefault("metrics", {})
+    # The tracker's run is finished (flushed to disk offline) before result.json makes the
+    # stage COMPLETED, so whoever reads the run after the stage completes finds it whole;
+    # tracker errors are swallowed (tracking._Safe), never the result.
     try:
-        stage.write_result(result)
-    finally:
         tracker.summary(tracking.result_metrics(result))
         tracker.finish(ok=True)
+    finally:
+        stage.write_result(result)
     return result
 
 

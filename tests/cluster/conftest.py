@@ -74,12 +74,16 @@ def slurm_cluster():
 
 
 @pytest.fixture(autouse=True)
-def _idle_cluster_after(request):
-    """Each SLURM test leaves the cluster idle for the next one."""
-    yield
-    if "slurm_cluster" in request.fixturenames:
-        from tests.conftest import drain_slurm_queue
+def _idle_cluster(request):
+    """Each SLURM test starts on an idle cluster and cancels what it left."""
+    from tests.conftest import drain_slurm_queue
+
+    slurm = "slurm_cluster" in request.fixturenames
+    if slurm:
         drain_slurm_queue()
+    yield
+    if slurm:
+        drain_slurm_queue(wait=False)
 
 
 @pytest.fixture(autouse=True)

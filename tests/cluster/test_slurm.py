@@ -120,9 +120,10 @@ def test_failure_resubmit_releases_blocked_children(tmp_path, grid_file, tiny_mo
 
 def test_preempted_job_resumes_from_checkpoint(tmp_path, grid_file, tiny_model, slurm_cluster,
                                                epochs_for):
-    # About 30 s of training: the preemption lands mid-way whatever the machine's speed.
+    # About 15 s of training: the preemption lands a few seconds after step 2, mid-way
+    # whatever the machine's speed.
     plan, led, wd = _setup(tmp_path, grid_file, tiny_model, name="pre", budgets=(16,),
-                           fractions=(1.0,), epochs=epochs_for(30),
+                           fractions=(1.0,), epochs=epochs_for(15),
                            checkpoint_every=1000)
     sft = next(s for s in plan.stages.values() if s.kind == "sft")
     submit(led, plan, wd, executor="slurm")

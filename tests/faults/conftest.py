@@ -97,9 +97,11 @@ def slurm():
 
 @pytest.fixture
 def scli(tmp_path, slurm):
-    """A CLI for a SLURM test; whatever it left queued or running is cancelled afterwards."""
+    """A CLI for a SLURM test on an idle cluster; whatever it left queued or running is
+    cancelled afterwards."""
+    drain_slurm_queue()
     cli = CLI(tmp_path)
     yield cli
     if cli.ledger.exists():
         cli("cancel", timeout=120)
-    drain_slurm_queue()
+    drain_slurm_queue(wait=False)

@@ -239,8 +239,10 @@ def test_killed_job_without_accounting_becomes_missing(scli, tiny_model, figure,
         for line in src.read_text().splitlines(keepends=True)))
     shutil.copy(src.parent / "gres.conf", conf.parent / "gres.conf")
     cli = CLI(scli.root, env={**FAST, "SLURM_CONF": str(conf)})
+    # Killed at its first step: a few seconds of training are enough (the resubmit reruns
+    # them all).
     grid = write_grid(scli.root / "g.toml", tiny_model, name="f", budgets=(16,),
-                      fractions=(1.0,), epochs=LONG, every=1000)
+                      fractions=(1.0,), epochs=LONG // 4, every=1000)
     cli("submit", grid, "--executor", "slurm", check=True)
     sft = _stages(cli, "sft")[0]["stage_id"]
     job = _attempts(cli, sft)[0]["job_id"]

@@ -39,9 +39,9 @@ test: env cluster-up
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 # The same suite in two lanes side by side (tests/lanes.sh): the SLURM tests on this cluster;
-# the fault campaign on a second one it starts, then the CPU tests. Faster (30 vs ~35 min
-# here) but the fault tests then run under heavy CPU contention, where one was seen to time
-# out (README, Limits); `make test` stays the one-run suite.
+# the fault campaign on a second one it starts, then the CPU tests. Faster when it was
+# measured (30 vs ~35 min serial then) but the fault tests run under heavy CPU contention,
+# where one was seen to time out (README, Limits); `make test` stays the one-run suite.
 test-lanes: env cluster-up
 	set -a; eval "$$(BUDGETLAB_SLURM_NODES=$(SLURM_NODES) bash slurm/cluster.sh env)"; set +a; \
 	bash tests/lanes.sh $(PY) $(PYTEST_ARGS)

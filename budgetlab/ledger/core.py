@@ -81,6 +81,11 @@ class Ledger:
         if version == 0:  # a new file: DELETE journal, safe on NFS (WAL is not)
             self.conn.execute("PRAGMA journal_mode = DELETE")
         with self.write():
+            # Again under the lock: two processes opening a new ledger at once both read 0
+            # above, and the second would replay the first one's migrations.
+            version = self._schema_version()
+            if version == SCHEMA_VERSION:
+                return
             if version == 0:
                 for stmt in SCHEMA.split(";"):
                     if stmt.strip():

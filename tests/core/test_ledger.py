@@ -166,3 +166,23 @@ def test_sql_reads(tmp_path, write_spec):
     assert cols == ["n"] and rows == [(24,)]
     cols, rows = query_readonly(tmp_path / "l.db", "PRAGMA table_info(cells)")
     assert rows
+
+
+def test_two_processes_creating_one_ledger_at_once(tmp_path, monkeypatch):
+    """Two `submit`s on a new ledger both read schema version 0 before either migrated (the
+    fault campaign's overlap run: "duplicate column name: submitter"). The interleaving is
+    replayed here: this process reads 0, then finds the other one's migrated file under
+    the write lock and leaves it as it is."""
+    from budgetlab.ledger.schema import SCHEMA_VERSION
+    path = tmp_path / "l.db"
+    Ledger(path).close()                      # the other process, first to the lock
+    real = Ledger._schema_version
+    calls = []
+
+    def stale_first(self):
+        calls.append(1)
+        return 0 if len(calls) == 1 else real(self)
+    monkeypatch.setattr(Ledger, "_schema_version", stale_first)
+    led = Ledger(path)
+    assert len(calls) == 2 and real(led) == SCHEMA_VERSION
+    assert led.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

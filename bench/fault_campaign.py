@@ -9,12 +9,12 @@ tmpfs of its own) through the `budgetlab` CLI as separate processes and injects 
 at a random moment: kill -9 of one rank, kill-node, scancel, `scontrol requeue`, preemption by
 an `urgent` job, a slurmctld restart, an eval whose data file is moved away (then restored),
 the disk full at a checkpoint, kill -9 of `submit` mid-way, or two CLIs submitting overlapping
-grids at once. Then it does what a user would: `status` (which syncs; through budgetlab.Lab, as the
-CLI's own code, to spare the jobs a CLI process every 2 s) until nothing is live,
-remove the cause, `resubmit` (with `--state CANCELLED` only for what was cancelled), until
+grids at once. Then it does what a user would: `status` (which syncs; through budgetlab.Lab,
+the CLI's own code, to spare the jobs a CLI process every 2 s) until nothing is live, remove
+the cause, `resubmit` (with `--state CANCELLED` only for what was cancelled), until
 the grid is complete or the run's deadline passes.
 
-Measured per run, from the outside (the ledger read-only through budgetlab.Lab, the stage
+Measured per run, from the outside (attempt rows through budgetlab.Lab, the stage
 directories, squeue):
   completed     every stage of the grid(s) COMPLETED before the deadline
   lost          attempt rows seen during the run and gone at the end, or closed rows whose
@@ -143,6 +143,7 @@ class Watch:
         self.lab = Lab(ledger=cli.ledger, workdir=cli.workdir)
         self.seen: dict[int, tuple[str, str | None]] = {}   # attempt -> (stage, closed outcome)
         self.changed: set[int] = set()
+        self.status_error = ""                               # why the last status failed
         self.ckpt_seen: dict[str, float] = {}                # stage -> first complete ckpt seen
 
     def status(self, grid: str) -> dict | None:
@@ -153,7 +154,8 @@ class Watch:
             return None
         try:
             return self.lab.status(grid, progress=False)
-        except Exception:
+        except Exception as e:   # said in the run's note if the deadline passes
+            self.status_error = f"{type(e).__name__}: {e}"[:150]
             return None
 
     def attempts(self) -> list:
@@ -332,7 +334,8 @@ class Campaign:
                 r.resubmits += 1
             time.sleep(2)
         else:
-            r.note = r.note or f"deadline ({self.deadline_s:.0f} s) passed"
+            r.note = r.note or f"deadline ({self.deadline_s:.0f} s) passed" + (
+                f"; last status error: {watch.status_error}" if watch.status_error else "")
         watch.look()
         r.lost = watch.lost()
         orphans, untracked = watch.strays()

@@ -93,8 +93,12 @@ def prepare_process(stage_dirs: list[str]) -> None:
     - stdout/stderr mask environment secrets, so a library that prints a token by mistake
       does not leak it into the job log;
     - torch uses the CPUs the job asked for (cpus_per_task), not every core of the node:
-      two 1-CPU jobs on a 2-core machine would otherwise each start 2 threads and thrash.
+      two 1-CPU jobs on a 2-core machine would otherwise each start 2 threads and thrash;
+    - TorchDynamo is off (our recipes run eager, nothing calls torch.compile): DeepSpeed's
+      ZeRO optimizer check imports its Muon module, whose torch.compile decorators load
+      inductor, ~2 s of every rank's start-up. TORCHDYNAMO_DISABLE set by the user stays.
     """
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     if not isinstance(sys.stdout, RedactingStream):
         sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
     if "OMP_NUM_THREADS" in os.environ or not stage_dirs:

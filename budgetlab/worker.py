@@ -96,7 +96,7 @@ def prepare_process(stage_dirs: list[str]) -> None:
       two 1-CPU jobs on a 2-core machine would otherwise each start 2 threads and thrash;
     - TorchDynamo is off (our recipes run eager, nothing calls torch.compile): DeepSpeed's
       ZeRO optimizer check imports its Muon module, whose torch.compile decorators load
-      inductor, ~2 s of every rank's start-up. TORCHDYNAMO_DISABLE set by the user stays.
+      inductor, ~1.7 CPU-s of every rank's start-up. TORCHDYNAMO_DISABLE set by the user stays.
     """
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     if not isinstance(sys.stdout, RedactingStream):

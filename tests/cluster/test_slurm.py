@@ -146,7 +146,7 @@ def test_time_limit_checkpoints_requeues_and_completes(tmp_path, grid_file, tiny
     # A 1-minute limit, the pre-timeout signal 15 s before it: slurmctld checks time limits
     # every 30 s and sends the signal at the first check past limit - 15 s - 30 s, so it
     # lands 15 to 45 s into a run. ~60 s of training outlasts that however the run starts;
-    # more only adds runs (each resumes from the checkpoint the signal made).
+    # more only lengthens the second run (below).
     extra = "[resources.sft]\ntime_min = 1\n[resources.eval]\ntime_min = 0.01\n"
     plan, led, wd = _setup(tmp_path, grid_file, tiny_model, name="tle", budgets=(16,),
                            fractions=(1.0,), epochs=epochs_for(60),

@@ -38,6 +38,8 @@ DBD_PORT=$((PORT_BASE + 9))
 if ((NODES == 1)); then NAMES=("$NODE"); else NAMES=(); for i in $(seq 1 "$NODES"); do NAMES+=("$PREFIX$i"); done; fi
 # A node failure is noticed after SlurmdTimeout (+ a ping interval): short with several nodes,
 # where tests kill nodes; SLURM's default on one node, where a loaded machine must not look dead.
+# Measured here (kill-node until sinfo says down): ~30 s with 10, 27-28 s with 5: slurmctld's
+# ping cycle, not the timeout, sets most of it.
 SLURMD_TIMEOUT="${BUDGETLAB_SLURM_SLURMD_TIMEOUT:-$( ((NODES > 1)) && echo 10 || echo 300)}"
 HOSTS_TAG="# budgetlab-slurm $DIR"
 DB_PASS="budgetlab-local"   # local-only database bound to 127.0.0.1

@@ -4,7 +4,6 @@ resubmission, blocked children, preemption, time limits, scancel. No fake sbatch
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import time
@@ -20,6 +19,7 @@ from budgetlab.stagedir import StageDir
 from budgetlab.sync import sync
 
 from tests.conftest import preemptor_args, record_attempt
+from tests.faults.faultkit import scontrol_show
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -154,16 +154,11 @@ def test_time_limit_checkpoints_requeues_and_completes(tmp_path, grid_file, tiny
     sft = next(s for s in plan.stages.values() if s.kind == "sft")
     submit(led, plan, wd, executor="slurm")
     job = led.latest_attempt(sft.stage_id).job_id
-
-    def restarts() -> int:
-        out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True,
-                             text=True).stdout
-        m = re.search(r"\bRestarts=(\d+)", out)
-        return int(m.group(1)) if m else 0
     # Once requeued, the job gets a longer limit (as a user extends a job that needs more):
     # the rest then runs once, not as a chain of 1-minute runs each cut at a random
     # moment. The first run is judged on the limit it had (its attempt's resources).
-    _wait_for(lambda: restarts() >= 1, 240, "the time-limit requeue")
+    _wait_for(lambda: scontrol_show(job).get("Restarts", "0") != "0", 240,
+              "the time-limit requeue")
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True,
                    capture_output=True)
     wait(led, wd, "tle", poll_s=3, timeout_s=540)

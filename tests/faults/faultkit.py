@@ -128,13 +128,24 @@ def scontrol_show(job_id: str) -> dict:
     return out
 
 
-def release_if_held(job_id: str) -> None:
-    """SLURM holds a requeued job until BeginTime (about 2 minutes); start it now. Returns
+_held_since: dict[str, float] = {}
+
+
+def release_if_held(job_id: str, settle: float = 3.0) -> None:
+    """SLURM holds a requeued job until BeginTime (about 2 minutes); start it `settle` s after
+    the hold was first seen, not at once: a job started within a second of its requeue can
+    reach a node still revoking the last run's credential (slurmctld: "Killing non-startable
+    batch JobId=N: Job credential revoked"), which ends it FAILED without running. Returns
     None so that `wait_until(lambda: release_if_held(j) or cond(), ...)` keeps polling."""
     info = scontrol_show(job_id)
     if info.get("JobState") == "PENDING" and info.get("Reason") in ("BeginTime", "JobHeldAdmin"):
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
-                       capture_output=True, timeout=60)
+        first = _held_since.setdefault(job_id, time.time())
+        if time.time() - first >= settle:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                           capture_output=True, timeout=60)
+            _held_since.pop(job_id, None)
+    else:
+        _held_since.pop(job_id, None)
 
 
 def job_pids(job_id: str) -> dict[int, int]:

@@ -90,6 +90,24 @@ def test_console_script_and_no_torch_on_import(tmp_path):
     assert out.stdout.strip() == "[]"
 
 
+def test_ledger_commands_import_neither_pandas_nor_numpy(tmp_path):
+    """sqlite_utils would import both (0.6 CPU-s of every `budgetlab status`); the ledger
+    works without them, and a later `import numpy, pandas` in the same process still works."""
+    code = f"""
+import sys
+from budgetlab.api import Lab, load_plan
+from budgetlab.ledger import Ledger
+Ledger({str(tmp_path / 'l.db')!r}).register(load_plan({str(ROOT / 'jobs' / 'quickstart.toml')!r}))
+lab = Lab(ledger={str(tmp_path / 'l.db')!r}, workdir={str(tmp_path / 'runs')!r})
+print(sorted(m for m in ('pandas', 'numpy') if m in sys.modules))
+import numpy, pandas
+print(len(lab.stages()) > 0, numpy.__name__, pandas.__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[]", "True numpy pandas"], out.stdout
+
+
 def test_plan_with_local_data_needs_no_datasets_package(tmp_path):
     """A login node with the core install only (no `datasets`) can still plan a grid whose
     data are local files: the line checks run, the row checks wait for the worker."""

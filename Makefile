@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Nodes of the local test cluster (slurm/cluster.sh); the multi-node tests need 2.
 SLURM_NODES ?= 2
 
-.PHONY: env demo test test-lanes test-fast cluster-up cluster-down bench clean
+.PHONY: env demo test test-serial test-lanes test-fast cluster-up cluster-down bench clean
 
 env: $(VENV)/.installed
 
@@ -33,18 +33,21 @@ cluster-up:
 cluster-down:
 	BUDGETLAB_SLURM_NODES=$(SLURM_NODES) bash slurm/cluster.sh down
 
-# The whole suite, real SLURM included: the cluster is started first.
+# The whole suite, real SLURM included: the cluster is started first, then the tests run in
+# two lanes side by side (tests/lanes.sh): the SLURM and fault tests on this cluster; the
+# fault campaign on a second cluster the script starts, then the CPU tests. The CPUs were
+# idle a third of a serial run (SLURM's waits); the lanes fill that.
 test: env cluster-up
+	set -a; eval "$$(BUDGETLAB_SLURM_NODES=$(SLURM_NODES) bash slurm/cluster.sh env)"; set +a; \
+	bash tests/lanes.sh $(PY) $(PYTEST_ARGS)
+
+# The same tests in one pytest run, one after the other (slower; a single log, -x works).
+test-serial: env cluster-up
 	set -a; eval "$$(BUDGETLAB_SLURM_NODES=$(SLURM_NODES) bash slurm/cluster.sh env)"; set +a; \
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
-# The same suite in two lanes side by side (tests/lanes.sh): the SLURM tests on this cluster;
-# the fault campaign on a second one it starts, then the CPU tests. Faster when it was
-# measured (30 vs ~35 min serial then) but the fault tests run under heavy CPU contention,
-# where one was seen to time out (README, Limits); `make test` stays the one-run suite.
-test-lanes: env cluster-up
-	set -a; eval "$$(BUDGETLAB_SLURM_NODES=$(SLURM_NODES) bash slurm/cluster.sh env)"; set +a; \
-	bash tests/lanes.sh $(PY) $(PYTEST_ARGS)
+# Former name of `make test`.
+test-lanes: test
 
 # Without the cluster and the slow tests: the inner loop while editing.
 test-fast: env
